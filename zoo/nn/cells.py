@@ -1,0 +1,452 @@
+"""The recurrent cells: one direction of one layer of every variant.
+
+A cell states its equations through three hooks and the shared engine (`RecurrentCell.forward`) runs the recurrence:
+
+- ``input_projection(x, mask)``: everything that depends on the input only, for all time steps at once (``(T, B, G)``);
+- ``step(u_t, state, t, mask_t)``: one step of the recurrence, returning the output and the new state;
+- ``output_transform(out, mask)``: a transform of the whole output sequence (identity unless a variant says otherwise).
+
+Gate order follows `torch.nn.LSTM` (i, f, g, o) and `torch.nn.GRU` (r, z, n) everywhere. ``mask`` is a ``(T, B)`` bool
+tensor of valid positions (``None``: all valid); at a padded position the engine keeps the previous state, so the final
+state of every sequence is its state after its last valid step, as with a `PackedSequence` in `torch.nn.LSTM`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+from .norm import MaskedBatchNorm
+
+State = tuple[Tensor, ...]
+
+
+class RecurrentCell(nn.Module):
+    """Base class: the engine that runs a cell's hooks over a time-major ``(T, B, input_size)`` sequence."""
+
+    state_size = 1  # number of state tensors: 1 (h) or 2 (h, c)
+    num_gates = 1  # rows of W_x per hidden unit
+    native: str | None = None  # "lstm" / "gru" when `native_weights` can run the vendor kernel
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        if input_size < 1 or hidden_size < 1:
+            raise ValueError(f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}"
+
+    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, u: Tensor, state: State, t: int, mask: Tensor | None) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def output_transform(self, out: Tensor, mask: Tensor | None) -> Tensor:
+        return out
+
+    def init_state(self, batch: int, like: Tensor) -> State:
+        """The zero state, ``state_size`` tensors of shape ``(B, H)``."""
+        return tuple(like.new_zeros(batch, self.hidden_size) for _ in range(self.state_size))
+
+    def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
+        """Run the recurrence: ``x`` is ``(T, B, I)``; returns the output ``(T, B, H)`` and the final state."""
+        u = self.input_projection(x, mask)
+        outputs = []
+        for t in range(x.shape[0]):
+            m = None if mask is None else mask[t]
+            h, new = self.step(u[t], state, t, m)
+            if m is not None:
+                keep = m.unsqueeze(-1)
+                new = tuple(torch.where(keep, n, s) for n, s in zip(new, state, strict=True))
+            state = new
+            outputs.append(h)
+        return self.output_transform(torch.stack(outputs), mask), state
+
+
+# --------------------------------------------------------------------------------------------------------------- LSTM
+
+
+class LSTMCell(RecurrentCell):
+    """The plain LSTM, exactly as `torch.nn.LSTM` (same parameter names, shapes, initialisation and gate order).
+
+    i, f, g, o = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh;  c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g);  h_t = σ(o) ⊙ tanh(c_t).
+    """
+
+    state_size = 2
+    num_gates = 4
+    native = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
+        super().__init__(input_size, hidden_size)
+        g = self.num_gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(g, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(g, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(g)) if bias else None
+        self.bias_hh = nn.Parameter(torch.empty(g)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters(recurse=False):
+            nn.init.uniform_(p, -bound, bound)
+
+    def native_weights(self) -> list[Tensor]:
+        """The weights in `torch.nn.LSTM`'s order, for the vendor kernel."""
+        ws = [self.weight_ih, self.weight_hh]
+        return ws if self.bias_ih is None else [*ws, self.bias_ih, self.bias_hh]
+
+    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return F.linear(x, self.weight_ih, self.bias_ih)
+
+    def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        """The recurrent term of the gates."""
+        return F.linear(h, self.weight_hh, self.bias_hh)
+
+    def cell_norm(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        """What goes into the output tanh: c_t itself here; normalized variants override it."""
+        return c
+
+    def step(self, u: Tensor, state: State, t: int, mask: Tensor | None) -> tuple[Tensor, State]:
+        h, c = state
+        i, f, g, o = (u + self.recurrent(h, t, mask)).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(self.cell_norm(c, t, mask))
+        return h, (h, c)
+
+
+class WeightNormLSTMCell(LSTMCell):
+    """Weight-normalized LSTM (Salimans & Kingma 2016, eq. 2): every row of W_ih and W_hh is w = g · v / ‖v‖.
+
+    The rest is the plain LSTM, so the normalized weights run through the same kernels. `torch.nn.utils.parametrizations
+    .weight_norm` holds g (``original0``) and v (``original1``); g starts at ‖v‖, so the initial W equals the LSTM's.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
+        super().__init__(input_size, hidden_size, bias)
+        weight_norm(self, "weight_ih", dim=0)
+        weight_norm(self, "weight_hh", dim=0)
+
+    def reset_parameters(self) -> None:
+        if not parametrize.is_parametrized(self):
+            super().reset_parameters()
+            return
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name in ("weight_ih", "weight_hh"):
+            v = getattr(self.parametrizations, name).original1
+            nn.init.uniform_(v, -bound, bound)
+            getattr(self.parametrizations, name).original0.data.copy_(v.norm(dim=1, keepdim=True))
+        for b in (self.bias_ih, self.bias_hh):
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
+        with parametrize.cached():  # compute g · v / ‖v‖ once per sequence, not once per step
+            return super().forward(x, state, mask)
+
+
+class _NormalizedLSTMCell(LSTMCell):
+    """An LSTM whose gates are N_x(W_x x_t) + N_h(W_h h_{t-1}) + b and whose output is σ(o) ⊙ tanh(N_c(c_t)).
+
+    Subclasses set the three normalizations ``norm_ih``, ``norm_hh``, ``norm_c``. One bias b (the normalizations'
+    own shifts aside), the forget-gate part initialised to ``forget_bias``.
+    """
+
+    native = None
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, forget_bias: float = 1.0) -> None:
+        super().__init__(input_size, hidden_size, bias=False)
+        self.forget_bias = forget_bias
+        self.bias = nn.Parameter(torch.empty(self.num_gates * hidden_size)) if bias else None
+        self._reset_bias()
+
+    def _reset_bias(self) -> None:
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+            self.bias.data[self.hidden_size : 2 * self.hidden_size] = self.forget_bias
+
+    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        u = self.norm_ih(F.linear(x, self.weight_ih), mask)
+        return u if self.bias is None else u + self.bias
+
+    def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return self.norm_hh(F.linear(h, self.weight_hh), t, mask)
+
+    def cell_norm(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return self.norm_c(c, t, mask)
+
+
+def _step_bn(bn: MaskedBatchNorm, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
+    """Apply a time-major batch norm to one step ``(B, F)`` of time step ``t``."""
+    return bn(x.unsqueeze(0), None if mask is None else mask.unsqueeze(0), start=t).squeeze(0)
+
+
+class BNLSTMCell(_NormalizedLSTMCell):
+    """Recurrent Batch Normalization (Cooijmans et al. 2016, eqs. 6-8).
+
+    i, f, g, o = BN(W_h h_{t-1}; γ_h, 0) + BN(W_x x_t; γ_x, 0) + b;  c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g);
+    h_t = σ(o) ⊙ tanh(BN(c_t; γ_c, β_c)).  The unnormalized c_t is carried. Every BN keeps separate running statistics
+    for each time step t < ``max_steps`` (T_max) with γ, β shared over time; see `MaskedBatchNorm` for ``past_max_steps``.
+    γ starts at ``gamma`` (0.1), β at 0, the forget-gate bias at 1; W_x and W_h are orthogonal per gate block, as in the
+    official code. ``init_noise`` > 0 adds Gaussian noise of that std to the initial hidden state in training (the
+    paper does so on sequential MNIST, whose first pixels are constant).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        max_steps: int = 1000,
+        gamma: float = 0.1,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        past_max_steps: str = "reuse",
+        init_noise: float = 0.0,
+        forget_bias: float = 1.0,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, forget_bias)
+        g = self.num_gates * hidden_size
+        bn = dict(max_steps=max_steps, gamma=gamma, momentum=momentum, eps=eps, past_max_steps=past_max_steps)
+        self.bn_ih = MaskedBatchNorm(g, bias=False, **bn)
+        self.bn_hh = MaskedBatchNorm(g, bias=False, **bn)
+        self.bn_c = MaskedBatchNorm(hidden_size, bias=True, **bn)
+        self.init_noise = init_noise
+
+    def reset_parameters(self) -> None:
+        for w in (self.weight_ih, self.weight_hh):
+            for block in w.data.chunk(self.num_gates, dim=0):
+                nn.init.orthogonal_(block)
+
+    def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self.bn_ih(x, mask)
+
+    def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return _step_bn(self.bn_hh, x, t, mask)
+
+    def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return _step_bn(self.bn_c, c, t, mask)
+
+    def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
+        if self.training and self.init_noise > 0:
+            h, c = state
+            state = (h + self.init_noise * torch.randn_like(h), c)
+        return super().forward(x, state, mask)
+
+
+class SeqBNLSTMCell(_NormalizedLSTMCell):
+    """Sequence-wise batch normalization of the input term only (Laurent et al. 2016, eq. 10; Amodei et al. 2016).
+
+    i, f, g, o = BN(W_x x_t; γ, 0) + W_h h_{t-1} + b, with one set of statistics over all valid batch x time positions;
+    the recurrent term and c_t are not normalized (Laurent et al. found BN of the hidden-to-hidden path did not help).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        gamma: float = 1.0,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        forget_bias: float = 1.0,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, forget_bias)
+        self.bn_ih = MaskedBatchNorm(self.num_gates * hidden_size, None, gamma=gamma, bias=False, momentum=momentum, eps=eps)
+
+    def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self.bn_ih(x, mask)
+
+    def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return x
+
+    def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return c
+
+
+class LNLSTMCell(_NormalizedLSTMCell):
+    """Layer-normalized LSTM (Ba et al. 2016, eqs. 20-22).
+
+    i, f, g, o = LN(W_x x_t; α_1, β_1) + LN(W_h h_{t-1}; α_2, β_2) + b, each LN over all 4H gate units jointly;
+    c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g);  h_t = σ(o) ⊙ tanh(LN(c_t; α_3, β_3)); the unnormalized c_t is carried.
+    Gains start at 1, shifts at 0, ε = 1e-5.
+    """
+
+    norm_layer = nn.LayerNorm
+
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5, forget_bias: float = 1.0
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, forget_bias)
+        g = self.num_gates * hidden_size
+        self.ln_ih = self.norm_layer(g, eps=eps)
+        self.ln_hh = self.norm_layer(g, eps=eps)
+        self.ln_c = self.norm_layer(hidden_size, eps=eps)
+
+    def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self.ln_ih(x)
+
+    def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return self.ln_hh(x)
+
+    def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return self.ln_c(c)
+
+
+class RMSLSTMCell(LNLSTMCell):
+    """RMSNorm LSTM (Zhang & Sennrich 2019, eq. 4) in Ba et al.'s LN positions.
+
+    i, f, g, o = RMS(W_x x_t; g_1) + RMS(W_h h_{t-1}; g_2) + b;  h_t = σ(o) ⊙ tanh(RMS(c_t; g_3)),
+    with RMS(a; g) = a / sqrt(mean(a²) + ε) ⊙ g: no mean subtraction, no shift (b is the only bias).
+    """
+
+    norm_layer = nn.RMSNorm
+
+
+# ---------------------------------------------------------------------------------------------------------------- GRU
+
+
+class GRUCell(RecurrentCell):
+    """The plain GRU, exactly as `torch.nn.GRU` (same parameter names, shapes, initialisation and gate order).
+
+    r = σ(W_ir x + b_ir + W_hr h + b_hr);  z = σ(W_iz x + b_iz + W_hz h + b_hz);
+    n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn));  h_t = (1 − z) ⊙ n + z ⊙ h_{t-1}.
+    """
+
+    num_gates = 3
+    native = "gru"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
+        super().__init__(input_size, hidden_size)
+        g = self.num_gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(g, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(g, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(g)) if bias else None
+        self.bias_hh = nn.Parameter(torch.empty(g)) if bias else None
+        self.reset_parameters()
+
+    reset_parameters = LSTMCell.reset_parameters
+    native_weights = LSTMCell.native_weights
+
+    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return F.linear(x, self.weight_ih, self.bias_ih)
+
+    def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        """The recurrent term of (r, z, n), before the reset gate multiplies its n part."""
+        return F.linear(h, self.weight_hh, self.bias_hh)
+
+    def step(self, u: Tensor, state: State, t: int, mask: Tensor | None) -> tuple[Tensor, State]:
+        (h,) = state
+        ur, uz, un = u.chunk(3, dim=-1)
+        hr, hz, hn = self.recurrent(h, t, mask).chunk(3, dim=-1)
+        r = torch.sigmoid(ur + hr)
+        z = torch.sigmoid(uz + hz)
+        n = torch.tanh(un + r * hn)
+        h = n + z * (h - n)
+        return h, (h,)
+
+
+class LNGRUCell(GRUCell):
+    """Layer-normalized GRU (Ba et al. 2016, supplementary; the official code's four LNs).
+
+    r, z = σ(LN(W_x^{rz} x_t) + LN(W_h^{rz} h_{t-1}) + b^{rz});
+    n = tanh(LN(W_x^n x_t) + b_x^n + r ⊙ (LN(W_h^n h_{t-1}) + b_h^n));  h_t = (1 − z) ⊙ n + z ⊙ h_{t-1}.
+    The recurrent candidate term is normalized before the reset gate multiplies it. Gains start at 1, shifts at 0.
+    """
+
+    native = None
+    norm_layer = nn.LayerNorm
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5) -> None:
+        super().__init__(input_size, hidden_size, bias)
+        h = hidden_size
+        self.ln_ih_rz = self.norm_layer(2 * h, eps=eps)
+        self.ln_ih_n = self.norm_layer(h, eps=eps)
+        self.ln_hh_rz = self.norm_layer(2 * h, eps=eps)
+        self.ln_hh_n = self.norm_layer(h, eps=eps)
+
+    def _norm(self, a: Tensor, norm_rz: nn.Module, norm_n: nn.Module, b: Tensor | None) -> Tensor:
+        h2 = 2 * self.hidden_size
+        a = torch.cat([norm_rz(a[..., :h2]), norm_n(a[..., h2:])], dim=-1)
+        return a if b is None else a + b
+
+    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self._norm(F.linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, self.bias_ih)
+
+    def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return self._norm(F.linear(h, self.weight_hh), self.ln_hh_rz, self.ln_hh_n, self.bias_hh)
+
+
+class RMSGRUCell(LNGRUCell):
+    """RMSNorm GRU (Zhang & Sennrich 2019) in the four LN positions of the LN-GRU; gains only, the biases b shift."""
+
+    norm_layer = nn.RMSNorm
+
+
+# ------------------------------------------------------------------------------------------------------------- IndRNN
+
+
+class BNIndRNNCell(RecurrentCell):
+    """IndRNN with batch normalization (Li et al. 2018, eq. 2).
+
+    h_t = ReLU(W x_t + u ⊙ h_{t-1} + b), u a vector: every neuron recurs on itself only. ``bn_placement``:
+    ``"input"`` normalizes the input term, h_t = ReLU(BN(W x_t) + u ⊙ h_{t-1} + b); ``"output"`` (the paper's stacked
+    models) normalizes the layer's output, BN(h_t), while the recurrence carries the unnormalized h_t. Statistics are
+    over all valid batch x time positions. |u| is kept within ``recurrent_max`` (default ``magnitude ** (1 /
+    max_steps)``, the paper's MAG^(1/T)) by projecting u after every update, as the paper clips it; u starts U(0, 1).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        bn_placement: str = "input",
+        max_steps: int = 1000,
+        magnitude: float = 2.0,
+        recurrent_max: float | None = None,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__(input_size, hidden_size)
+        if bn_placement not in ("input", "output"):
+            raise ValueError(f"bn_placement must be 'input' or 'output', got {bn_placement!r}")
+        self.bn_placement = bn_placement
+        self.recurrent_max = recurrent_max if recurrent_max is not None else magnitude ** (1.0 / max_steps)
+        self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.bn = MaskedBatchNorm(hidden_size, None, momentum=momentum, eps=eps, bias=bn_placement == "output")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight_ih, a=math.sqrt(5))
+        nn.init.uniform_(self.weight_hh, 0.0, 1.0)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        u = F.linear(x, self.weight_ih)
+        if self.bn_placement == "input":
+            u = self.bn(u, mask)
+        return u if self.bias is None else u + self.bias
+
+    def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
+        if self.training:
+            with torch.no_grad():
+                self.weight_hh.clamp_(-self.recurrent_max, self.recurrent_max)
+        return super().forward(x, state, mask)
+
+    def step(self, u: Tensor, state: State, t: int, mask: Tensor | None) -> tuple[Tensor, State]:
+        h = torch.relu(u + self.weight_hh * state[0])
+        return h, (h,)
+
+    def output_transform(self, out: Tensor, mask: Tensor | None) -> Tensor:
+        return self.bn(out, mask) if self.bn_placement == "output" else out

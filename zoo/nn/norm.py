@@ -1,0 +1,141 @@
+"""Normalization layers for recurrent networks.
+
+`MaskedBatchNorm` is the one batch normalization every BN variant uses. Its statistics are computed over the *valid*
+positions of a padded, time-major batch only, either per time step (Cooijmans et al. 2016, sec. 3) or over batch x time
+(Laurent et al. 2016, "sequence-wise"). Layer normalization and RMSNorm are per sample and need no mask: the layers use
+`torch.nn.LayerNorm` and `torch.nn.RMSNorm` directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+PAST_MAX_STEPS = ("reuse", "error")
+
+
+class MaskedBatchNorm(nn.Module):
+    """Batch normalization of a time-major ``(T, B, F)`` tensor whose padded positions never enter a statistic.
+
+    Args:
+        num_features: F.
+        max_steps: ``None`` for statistics shared over time (over all valid batch x time positions); an integer
+            T_max for separate statistics at every time step t < T_max (Cooijmans et al. 2016).
+        gamma: initial value of the gain (Cooijmans et al. use 0.1).
+        bias: whether to learn a shift beta (initialised to 0).
+        momentum: rate of the exponential moving average of the running statistics (as in `torch.nn.BatchNorm1d`;
+            the official Recurrent-BN code uses 0.01).
+        eps: added to the variance.
+        past_max_steps: what happens at steps t >= T_max (per-step mode only). ``"reuse"``: training normalizes with
+            the batch statistics as always but does not update running statistics there; evaluation reuses the
+            running statistics of step T_max - 1 (the paper's choice). ``"error"``: raise.
+
+    Training normalizes with the (biased) batch statistics of the valid positions and updates the running statistics
+    with the unbiased variance, like `torch.nn.BatchNorm1d`; a step with fewer than two valid positions leaves its
+    running statistics unchanged. Evaluation normalizes with the running statistics.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        max_steps: int | None = None,
+        gamma: float = 1.0,
+        bias: bool = True,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        past_max_steps: str = "reuse",
+    ) -> None:
+        super().__init__()
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer or None, got {max_steps}")
+        if past_max_steps not in PAST_MAX_STEPS:
+            raise ValueError(f"past_max_steps must be one of {PAST_MAX_STEPS}, got {past_max_steps!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.num_features = num_features
+        self.max_steps = max_steps
+        self.gamma_init = gamma
+        self.momentum = momentum
+        self.eps = eps
+        self.past_max_steps = past_max_steps
+        self.weight = nn.Parameter(torch.empty(num_features))
+        self.bias = nn.Parameter(torch.empty(num_features)) if bias else None
+        slots = 1 if max_steps is None else max_steps
+        self.register_buffer("running_mean", torch.zeros(slots, num_features))
+        self.register_buffer("running_var", torch.ones(slots, num_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.gamma_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    @property
+    def per_step(self) -> bool:
+        return self.max_steps is not None
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, max_steps={self.max_steps}, momentum={self.momentum}, eps={self.eps}, "
+            f"past_max_steps={self.past_max_steps!r}"
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, start: int = 0) -> Tensor:
+        """Normalize ``x`` of shape ``(T, B, F)`` whose first row is time step ``start``.
+
+        ``mask`` (``(T, B)``, bool) marks the valid positions; ``None`` means all are valid. Padded positions of the
+        result hold finite values that the caller discards.
+        """
+        steps = x.shape[0]
+        if self.per_step and self.past_max_steps == "error" and start + steps > self.max_steps:
+            raise ValueError(
+                f"sequence of {start + steps} steps is longer than max_steps={self.max_steps} of this batch-norm "
+                "layer; raise max_steps or use past_max_steps='reuse'"
+            )
+        if self.training:
+            mean, var, count = self._batch_stats(x, mask)
+            self._update_running(mean, var, count, start)
+        else:
+            mean, var = self._running_stats(steps, start)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+        return y if self.bias is None else y + self.bias
+
+    def _batch_stats(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Biased mean and variance over the valid positions, per step ``(T, 1, F)`` or shared ``(1, 1, F)``."""
+        dims = (1,) if self.per_step else (0, 1)
+        if mask is None:
+            var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+            n = x.shape[1] if self.per_step else x.shape[0] * x.shape[1]
+            return mean, var, torch.full_like(mean[..., :1], n)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        count = w.sum(dim=dims, keepdim=True)
+        safe = count.clamp(min=1)
+        mean = (x * w).sum(dim=dims, keepdim=True) / safe
+        var = ((x - mean).square() * w).sum(dim=dims, keepdim=True) / safe
+        return mean, var, count
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, var: Tensor, count: Tensor, start: int) -> None:
+        mean, var, count = mean.flatten(1), var.flatten(1), count.flatten(1)
+        unbiased = var * count / (count - 1).clamp(min=1)
+        ok = (count >= 2).to(mean.dtype)  # a step with < 2 valid positions leaves its statistics alone
+        rate = self.momentum * ok
+        if self.per_step:
+            stop = min(start + mean.shape[0], self.max_steps)
+            if stop <= start:
+                return
+            n = stop - start
+            sl = slice(start, stop)
+            mean, unbiased, rate = mean[:n], unbiased[:n], rate[:n]
+        else:
+            sl = slice(0, 1)
+        self.running_mean[sl].lerp_(mean.to(self.running_mean.dtype), rate.to(self.running_mean.dtype))
+        self.running_var[sl].lerp_(unbiased.to(self.running_var.dtype), rate.to(self.running_var.dtype))
+
+    def _running_stats(self, steps: int, start: int) -> tuple[Tensor, Tensor]:
+        if not self.per_step:
+            return self.running_mean.unsqueeze(0), self.running_var.unsqueeze(0)
+        idx = torch.arange(start, start + steps, device=self.running_mean.device).clamp(max=self.max_steps - 1)
+        return self.running_mean[idx].unsqueeze(1), self.running_var[idx].unsqueeze(1)
