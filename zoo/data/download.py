@@ -1,0 +1,70 @@
+"""Find a data file locally, or download it once from its canonical source, verify its sha256 and cache it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class DataError(ValueError):
+    """Missing, corrupt or malformed data; the message names the file (and line or column) at fault."""
+
+
+def sha256sum(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: str | os.PathLike, sha256: str | None) -> None:
+    """Raise `DataError` if ``path``'s sha256 is not ``sha256`` (``None`` skips the check)."""
+    if sha256 is None:
+        return
+    got = sha256sum(path)
+    if got != sha256:
+        raise DataError(
+            f"{path}: sha256 {got} does not match the expected {sha256}; the file is truncated or corrupt. "
+            "Delete it to download it again."
+        )
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` through a ``.part`` file, verify it, and only then move it into place."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        verify(part, sha256)
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        raise DataError(f"could not download {url} to {dest}: {e}") from e
+    except DataError:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(dest)
+    return dest
+
+
+def ensure_file(path: str | os.PathLike, url: str | None = None, sha256: str | None = None) -> Path:
+    """Return ``path``, downloading it from ``url`` first if it is absent; verify it against ``sha256`` either way."""
+    path = Path(path)
+    if path.is_file():
+        verify(path, sha256)
+        return path
+    if url is None:
+        raise DataError(f"{path} does not exist and there is no source to download it from")
+    return download(url, path, sha256)
