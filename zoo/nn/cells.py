@@ -193,7 +193,7 @@ class BNLSTMCell(_NormalizedLSTMCell):
 
     i, f, g, o = BN(W_h h_{t-1}; γ_h, 0) + BN(W_x x_t; γ_x, 0) + b;  c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g);
     h_t = σ(o) ⊙ tanh(BN(c_t; γ_c, β_c)).  The unnormalized c_t is carried. Every BN keeps separate running statistics
-    for each time step t < ``max_steps`` (T_max) with γ, β shared over time; see `MaskedBatchNorm` for ``past_max_steps``.
+    for each time step t < ``max_steps`` (T_max) with γ, β shared over time (``past_max_steps``: see `MaskedBatchNorm`).
     γ starts at ``gamma`` (0.1), β at 0, the forget-gate bias at 1; W_x and W_h are orthogonal per gate block, as in the
     official code. ``init_noise`` > 0 adds Gaussian noise of that std to the initial hidden state in training (the
     paper does so on sequential MNIST, whose first pixels are constant).
@@ -259,7 +259,9 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
         forget_bias: float = 1.0,
     ) -> None:
         super().__init__(input_size, hidden_size, bias, forget_bias)
-        self.bn_ih = MaskedBatchNorm(self.num_gates * hidden_size, None, gamma=gamma, bias=False, momentum=momentum, eps=eps)
+        self.bn_ih = MaskedBatchNorm(
+            self.num_gates * hidden_size, None, gamma=gamma, bias=False, momentum=momentum, eps=eps
+        )
 
     def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return self.bn_ih(x, mask)

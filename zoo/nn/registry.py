@@ -21,6 +21,8 @@ from .cells import (
     WeightNormLSTMCell,
 )
 
+_BA = "Ba et al. 2016, arXiv:1607.06450"
+_RMS = "Zhang & Sennrich 2019, arXiv:1910.07467"
 _FIXED = ("self", "input_size", "hidden_size", "bias")
 
 
@@ -81,10 +83,20 @@ for _args in [
         "Laurent et al. 2016, arXiv:1510.01378; Amodei et al. 2016",
         SeqBNLSTMCell,
     ),
-    ("ln_lstm", "layer norm of W_x x, W_h h and c_t", "Ba et al. 2016, arXiv:1607.06450", LNLSTMCell),
-    ("ln_gru", "layer-normalized GRU (four LNs, the official code's form)", "Ba et al. 2016, arXiv:1607.06450", LNGRUCell),
-    ("rms_lstm", "RMSNorm in the layer-norm positions of ln_lstm", "Zhang & Sennrich 2019, arXiv:1910.07467", RMSLSTMCell),
-    ("rms_gru", "RMSNorm in the layer-norm positions of ln_gru", "Zhang & Sennrich 2019, arXiv:1910.07467", RMSGRUCell),
+    ("ln_lstm", "layer norm of W_x x, W_h h and c_t", _BA, LNLSTMCell),
+    (
+        "ln_gru",
+        "layer-normalized GRU (four LNs, the official code's form)",
+        "Ba et al. 2016, arXiv:1607.06450",
+        LNGRUCell,
+    ),
+    (
+        "rms_lstm",
+        "RMSNorm in the layer-norm positions of ln_lstm",
+        "Zhang & Sennrich 2019, arXiv:1910.07467",
+        RMSLSTMCell,
+    ),
+    ("rms_gru", "RMSNorm in the layer-norm positions of ln_gru", _RMS, RMSGRUCell),
     (
         "wn_lstm",
         "weight normalization of the rows of W_x and W_h",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, _VF, nn
+from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .cells import RecurrentCell, State
+from .cells import RecurrentCell
 from .registry import get_variant
 
 StateArg = Tensor | tuple[Tensor, Tensor] | None
@@ -170,9 +170,7 @@ class RNN(nn.Module):
         order, unorder = packed.sorted_indices, packed.unsorted_indices
         hx = tuple(h.index_select(1, order) for h in hx) if len(states) == 2 else hx.index_select(1, order)
         out, *finals = kernel(packed.data, packed.batch_sizes, hx, *args)
-        out, _ = pad_packed_sequence(
-            PackedSequence(out, packed.batch_sizes, order, unorder), total_length=x.shape[0]
-        )
+        out, _ = pad_packed_sequence(PackedSequence(out, packed.batch_sizes, order, unorder), total_length=x.shape[0])
         return out, [f.index_select(1, unorder) for f in finals]
 
     # ----------------------------------------------------------------------------------------------- input and state
