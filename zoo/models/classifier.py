@@ -1,0 +1,104 @@
+"""`SequenceClassifier`: read a sequence step by step, classify it from the recurrent network's last valid output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .base import RecurrentModule, build_rnn, require_dims
+
+READOUTS = ("last", "state")
+
+
+class SequenceClassifier(RecurrentModule):
+    """A recurrent sequence classifier (sequential / permuted MNIST, sequential digits, UCR/UEA).
+
+    Batches are ``(x, lengths, y)``: x float (B, T, C) zero-padded, lengths long (B,), y long (B,).
+
+    Args:
+        variant: a `zoo.nn` variant name.
+        hidden_size, num_layers, dropout, bidirectional: of the recurrent network (dropout between layers).
+        readout: ``"last"`` classifies from the output at each sequence's last valid step (for a bidirectional
+            network: the forward direction's output there and the backward direction's output at t = 0, where it has
+            read the whole sequence); ``"state"`` from the top layer's final hidden state h_n (both directions).
+            The two agree for the forward direction.
+        rnn_options: the variant's own options (``zoo.nn.get_variant(variant).options``), e.g. ``{"init_noise": 0.1}``.
+        dims: ``{"input_size": C, "num_classes": K, "max_steps": T}``, linked from the DataModule by the CLI.
+    """
+
+    monitor = "val/acc"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        variant: str = "lstm",
+        hidden_size: int = 128,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        readout: str = "last",
+        rnn_options: dict[str, Any] | None = None,
+        dims: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        self.save_hyperparameters()
+        dims = require_dims(dims, "input_size", "num_classes", model="SequenceClassifier")
+        self.rnn = build_rnn(
+            variant, dims["input_size"], hidden_size, num_layers, dropout, bidirectional, rnn_options, dims
+        )
+        dirs = 2 if bidirectional else 1
+        self.head = nn.Linear(hidden_size * dirs, dims["num_classes"])
+        self.metrics = nn.ModuleDict(
+            {f"{s}_acc": MulticlassAccuracy(dims["num_classes"], average="micro") for s in ("train", "val", "test")}
+        )
+
+    def features(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The (B, H * directions) summary of each sequence that the head classifies."""
+        if lengths is None:
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        out, state = self.rnn(x, lengths=lengths)
+        h_n = state if isinstance(state, Tensor) else state[0]
+        dirs = self.rnn.num_directions
+        if self.hparams.readout == "state":
+            return torch.cat(list(h_n[-dirs:]), dim=-1)
+        hidden = self.hparams.hidden_size
+        rows = torch.arange(x.shape[0], device=x.device)
+        last = out[rows, lengths.to(x.device) - 1, :hidden]
+        if dirs == 1:
+            return last
+        return torch.cat([last, out[:, 0, hidden:]], dim=-1)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Class logits (B, K) for a batch x (B, T, C) with valid lengths (B,) (all T if None)."""
+        return self.head(self.features(x, lengths))
+
+    def _step(self, batch: tuple[Tensor, Tensor, Tensor], split: str) -> Tensor:
+        x, lengths, y = batch
+        logits = self(x, lengths)
+        loss = F.cross_entropy(logits, y)
+        metric = self.metrics[f"{split}_acc"]
+        metric(logits, y)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """Predicted class ids (B,)."""
+        x, lengths = batch[0], batch[1]
+        return self(x, lengths).argmax(-1)
