@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from .fused import FusedLSTM, StepNorm, candidate_scale, run_packed
 from .norm import MaskedBatchNorm
 
 State = tuple[Tensor, ...]
@@ -32,6 +33,7 @@ class RecurrentCell(nn.Module):
     state_size = 1  # number of state tensors: 1 (h) or 2 (h, c)
     num_gates = 1  # rows of W_x per hidden unit
     native: str | None = None  # "lstm" / "gru" when `native_weights` can run the vendor kernel
+    fused = False  # set by `zoo.nn.RNN`: run `fused_recurrence` (where a cell has one) instead of the step loop
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -59,6 +61,9 @@ class RecurrentCell(nn.Module):
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         """Run the recurrence: ``x`` is ``(T, B, I)``; returns the output ``(T, B, H)`` and the final state."""
         u = self.input_projection(x, mask)
+        if self.fused and hasattr(self, "fused_recurrence"):
+            out, state = run_packed(self.fused_recurrence, u, state, mask)
+            return self.output_transform(out, mask), state
         outputs = []
         for t in range(x.shape[0]):
             m = None if mask is None else mask[t]
@@ -182,6 +187,18 @@ class _NormalizedLSTMCell(LSTMCell):
     def cell_norm(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return self.norm_c(c, t, mask)
 
+    def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """The modules normalizing W_h h and c_t (None: not normalized), for the fused recurrence."""
+        raise NotImplementedError
+
+    def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
+        """The recurrence with a hand-written backward (`zoo.nn.fused.FusedLSTM`), on packed rows."""
+        mh, mc = self.recurrent_norms()
+        nh = StepNorm(mh, scale=candidate_scale(self.hidden_size, u))
+        nc = StepNorm(mc, scale=u.new_full((self.hidden_size,), 2.0))
+        out, h, c = FusedLSTM.apply(u, *state, self.weight_hh, *nh.params(), *nc.params(), layout, nh, nc)
+        return out, (h, c)
+
 
 def _step_bn(bn: MaskedBatchNorm, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
     """Apply a time-major batch norm to one step ``(B, F)`` of time step ``t``."""
@@ -234,6 +251,9 @@ class BNLSTMCell(_NormalizedLSTMCell):
     def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return _step_bn(self.bn_c, c, t, mask)
 
+    def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
+        return self.bn_hh, self.bn_c
+
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         if self.training and self.init_noise > 0:
             h, c = state
@@ -272,6 +292,9 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
     def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return c
 
+    def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
+        return None, None
+
 
 class LNLSTMCell(_NormalizedLSTMCell):
     """Layer-normalized LSTM (Ba et al. 2016, eqs. 20-22).
@@ -300,6 +323,9 @@ class LNLSTMCell(_NormalizedLSTMCell):
 
     def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return self.ln_c(c)
+
+    def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
+        return self.ln_hh, self.ln_c
 
 
 class RMSLSTMCell(LNLSTMCell):

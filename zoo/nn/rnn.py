@@ -77,7 +77,6 @@ class RNN(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
-        self.fused = fused
         self.options = dict(options)
         dirs = 2 if bidirectional else 1
         self.cells = nn.ModuleList(
@@ -85,6 +84,17 @@ class RNN(nn.Module):
             for layer in range(num_layers)
             for _ in range(dirs)
         )
+        self.fused = fused
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fast implementations run (set it to False for the step-by-step reference engine)."""
+        return self.cells[0].fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        for cell in self.cells:
+            cell.fused = bool(value)
 
     @property
     def num_directions(self) -> int:
@@ -124,7 +134,7 @@ class RNN(nn.Module):
         if self.fused and self.cells[0].native is not None:
             out, finals = self._native(x, states, lengths)
         else:
-            out, finals = self._reference(x, states, lengths)
+            out, finals = self._layers(x, states, lengths)
 
         if packed is not None:
             return self._repack(out, lengths, packed), self._state_out(finals, unbatched)
@@ -136,8 +146,8 @@ class RNN(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ the two engines
 
-    def _reference(self, x: Tensor, states: list[Tensor], lengths: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-        """The step-by-step engine: every layer and direction runs its cell's recurrence."""
+    def _layers(self, x: Tensor, states: list[Tensor], lengths: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """Every layer and direction runs its cell (the step-by-step engine, or the cell's fused recurrence)."""
         mask = None if lengths is None else lengths_to_mask(lengths, x.shape[0])
         finals: list[list[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
