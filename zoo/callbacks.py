@@ -1,0 +1,110 @@
+"""Callbacks of the zoo's training framework."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The global random states (python, numpy, torch CPU and CUDA) as plain types and tensors (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global random states saved by `get_rng_state`."""
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _ResumableLoader:
+    """Wraps a training DataLoader so that Lightning saves and restores its position (Lightning's `_Stateful` protocol).
+
+    Its state is the random state at the start of the current epoch (which fixed the epoch's shuffling) and the
+    number of batches training has consumed. On resume, the next ``iter()`` replays the epoch's shuffling from the saved
+    random state, skips the consumed batches and puts the global random state back as it found it.
+    """
+
+    def __init__(self, loader: Any, trainer: L.Trainer) -> None:
+        self.loader = loader
+        self.trainer = trainer
+        self._epoch_rng: dict[str, Any] | None = None
+        self._resume: tuple[dict[str, Any], int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, outer = 0, None
+        if self._resume is not None:
+            (epoch_rng, skip), self._resume = self._resume, None
+            outer = get_rng_state()
+            set_rng_state(epoch_rng)
+        self._epoch_rng = get_rng_state()
+        it = iter(self.loader)
+        for _ in range(skip):
+            next(it)
+        if outer is not None:
+            set_rng_state(outer)
+        yield from it
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch_rng": self._epoch_rng,
+            "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("epoch_rng") is not None and 0 < state["batches"] < len(self.loader):
+            self._resume = (state["epoch_rng"], state["batches"])
+
+
+class ExactResume(L.Callback):
+    """Make ``fit(ckpt_path=...)`` continue exactly where the checkpoint was taken, even in the middle of an epoch.
+
+    Lightning restores the weights, optimizer, schedulers and loop counters; this adds the global random states
+    (python, numpy, torch) at the time of the checkpoint and the position in the training data: the training
+    DataLoader is wrapped so that the epoch's shuffling is replayed and the batches already seen are skipped. Models
+    that carry state between batches (`zoo.models.LanguageModel`) save it themselves. Everything is saved as plain
+    types and tensors, so checkpoints load with ``torch.load(path, weights_only=True)``.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        owner = trainer.datamodule if trainer.datamodule is not None else pl_module
+        make = owner.train_dataloader
+        if getattr(make, "_zoo_resumable", False):
+            return
+
+        def train_dataloader() -> _ResumableLoader:
+            return _ResumableLoader(make(), trainer)
+
+        train_dataloader._zoo_resumable = True  # type: ignore[attr-defined]
+        owner.train_dataloader = train_dataloader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_rng_state(state_dict["rng"])

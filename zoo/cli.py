@@ -1,0 +1,141 @@
+"""The zoo's command line: one `LightningCLI` for every model / DataModule pair (``train.py fit --config ...``)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from torch.optim import Optimizer
+
+from zoo.callbacks import ExactResume
+from zoo.models.base import RecurrentModule
+
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
+METRIC_NAMES = {"acc": "accuracy", "ppl": "perplexity"}
+
+
+class ZooSaveConfig(SaveConfigCallback):
+    """Save the resolved config (with the seed) as ``config.yaml`` in the log directory and, for a W&B run, log it
+    as the run's config and save it among the run's files."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({"config": yaml.safe_load(text)})
+                Path(logger.experiment.dir, "config.yaml").write_text(text)
+
+
+def _class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _short(class_path: str) -> str:
+    return class_path.rpartition(".")[2]
+
+
+class ZooCLI(LightningCLI):
+    """`LightningCLI` with the zoo's conventions.
+
+    - ``model`` is any `zoo.models.RecurrentModule` and ``data`` any LightningDataModule (subclass mode), chosen in the
+      config by ``class_path``; the sizes that the data determine link into the model (``data.dims`` ->
+      ``model.init_args.dims``).
+    - ``--name`` names the run (default: ``<datamodule>_<variant>``); checkpoints go to
+      ``<trainer.default_root_dir>/<name>/checkpoints`` (default root ``runs``), so ``fit --ckpt_path last`` finds the
+      run's last checkpoint, and the CSV logger writes ``<root>/<name>/version_<n>``.
+    - ``checkpoint.*`` configures the ModelCheckpoint, which keeps the best checkpoint on the model's own validation
+      metric (``monitor`` / ``monitor_mode`` of the model class: ``val/bpc`` min, ``val/acc`` max, ...) and the last.
+    - `ExactResume` makes a resumed fit continue exactly; a LearningRateMonitor is added whenever there is a logger.
+    - ``--test_after_fit true`` tests the best checkpoint when fit ends and prints its path and the test metrics.
+    - The optimizer defaults to Adam (lr 1e-3); ``optimizer:`` / ``lr_scheduler:`` in a config choose others.
+    """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", ZooSaveConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            RecurrentModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.dims", "model.init_args.dims", apply_on="instantiate")
+        parser.add_argument("--name", type=str | None, default=None, help="run name (default: <data>_<variant>)")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="after fit, test the best checkpoint and print its path and the test metrics",
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "trainer.default_root_dir": "runs"})
+        parser.add_optimizer_args((Optimizer,))
+        parser.set_defaults({"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}})
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        model_cls = _class(cfg.model.class_path)
+        variant = cfg.model.init_args.get("variant", "model")
+        name = cfg.name
+        if not name:
+            data = cfg.get("data")
+            name = f"{_short(data.class_path).lower()}_{variant}" if data else variant
+        name = re.sub(r"[^\w.\-/]", "_", name)
+        cfg.name = name
+        root = Path(cfg.trainer.default_root_dir or "runs")
+        if cfg.checkpoint.monitor is None and issubclass(model_cls, RecurrentModule):
+            cfg.checkpoint.monitor = model_cls.monitor
+            cfg.checkpoint.mode = model_cls.monitor_mode
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = str(root / name / "checkpoints")
+        logger = cfg.trainer.logger
+        if logger is True or logger is None:
+            cfg.trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=str(root), name=name))
+        elif isinstance(logger, Namespace) and logger.get("class_path") == CSV_LOGGER:
+            if logger.init_args.get("name") in (None, "lightning_logs"):
+                logger.init_args.name = name
+        elif isinstance(logger, Namespace) and logger.get("class_path") == WANDB_LOGGER:
+            if logger.init_args.get("save_dir") in (None, "."):
+                logger.init_args.save_dir = os.environ.get("WANDB_DIR", str(root))
+            if logger.init_args.get("name") is None:
+                logger.init_args.name = name
+
+    def after_instantiate_classes(self) -> None:
+        callbacks = self.trainer.callbacks
+        if not any(isinstance(c, ExactResume) for c in callbacks):
+            callbacks.append(ExactResume())
+        if self.trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+
+    def after_fit(self) -> None:
+        if not self.config.fit.test_after_fit:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None else ""
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        if self.trainer.is_global_zero:
+            print(f"checkpoint: {best or '(none saved; tested the final weights)'}")
+            for key, value in sorted(results[0].items() if results else []):
+                split, _, metric = key.partition("/")
+                print(f"{split} {METRIC_NAMES.get(metric, metric)}: {value:.4f}")
+
+
+def main(args: list[str] | None = None) -> ZooCLI:
+    """Run the command line (``fit``, ``validate``, ``test``, ``predict``) on ``args`` (default: ``sys.argv``)."""
+    return ZooCLI(args=args)
