@@ -2,5 +2,17 @@
 
 from .digits import SequentialDigits
 from .download import DataError, download, ensure_file, sha256sum, verify
+from .text import LanguageModelingData, PennTreebank, TextFile, TinyShakespeare
 
-__all__ = ["DataError", "SequentialDigits", "download", "ensure_file", "sha256sum", "verify"]
+__all__ = [
+    "DataError",
+    "LanguageModelingData",
+    "PennTreebank",
+    "SequentialDigits",
+    "TextFile",
+    "TinyShakespeare",
+    "download",
+    "ensure_file",
+    "sha256sum",
+    "verify",
+]

@@ -6,6 +6,7 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -36,8 +37,18 @@ def verify(path: str | os.PathLike, sha256: str | None) -> None:
         )
 
 
-def download(url: str, dest: str | os.PathLike, sha256: str | None = None, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` through a ``.part`` file, verify it, and only then move it into place."""
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    sha256: str | None = None,
+    progress: bool = True,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Download ``url`` to ``dest`` through a ``.part`` file, verify it, and only then move it into place.
+
+    ``check``, if given, is called on the downloaded file after the sha256 check and raises `DataError` to reject it
+    (e.g. a hash of the decompressed content); a rejected download leaves no file behind.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -49,9 +60,15 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, progr
                     f.write(chunk)
                     bar.update(len(chunk))
         verify(part, sha256)
+        if check is not None:
+            check(part)
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
-        raise DataError(f"could not download {url} to {dest}: {e}") from e
+        expected = f" (sha256 {sha256})" if sha256 else ""
+        raise DataError(
+            f"{dest} does not exist and could not be downloaded from {url}: {e}. "
+            f"Offline, put a copy of that file{expected} at {dest}."
+        ) from e
     except DataError:
         part.unlink(missing_ok=True)
         raise
@@ -59,12 +76,19 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, progr
     return dest
 
 
-def ensure_file(path: str | os.PathLike, url: str | None = None, sha256: str | None = None) -> Path:
-    """Return ``path``, downloading it from ``url`` first if it is absent; verify it against ``sha256`` either way."""
+def ensure_file(
+    path: str | os.PathLike,
+    url: str | None = None,
+    sha256: str | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Return ``path``, downloading it from ``url`` first if it is absent; verify it (sha256, ``check``) either way."""
     path = Path(path)
     if path.is_file():
         verify(path, sha256)
+        if check is not None:
+            check(path)
         return path
     if url is None:
         raise DataError(f"{path} does not exist and there is no source to download it from")
-    return download(url, path, sha256)
+    return download(url, path, sha256, check=check)
