@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from .fused import FusedLSTM, StepNorm, candidate_scale, run_packed
+from .fused import FusedGRU, FusedLSTM, StepNorm, candidate_scale, run_packed
 from .norm import MaskedBatchNorm
 
 State = tuple[Tensor, ...]
@@ -410,6 +410,17 @@ class LNGRUCell(GRUCell):
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return self._norm(F.linear(h, self.weight_hh), self.ln_hh_rz, self.ln_hh_n, self.bias_hh)
+
+    def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
+        """The recurrence with a hand-written backward (`zoo.nn.fused.FusedGRU`), on packed rows."""
+        h2 = 2 * self.hidden_size
+        b_hn = None
+        if self.bias_hh is not None:  # b_hh's r, z part joins the input term; b_hn stays inside the reset gate
+            u = torch.cat([u[:, :h2] + self.bias_hh[:h2], u[:, h2:]], dim=1)
+            b_hn = self.bias_hh[h2:]
+        n_rz, n_n = StepNorm(self.ln_hh_rz), StepNorm(self.ln_hh_n, shift=b_hn)
+        out, h = FusedGRU.apply(u, state[0], self.weight_hh, b_hn, *n_rz.params(), *n_n.params(), layout, n_rz, n_n)
+        return out, (h,)
 
 
 class RMSGRUCell(LNGRUCell):

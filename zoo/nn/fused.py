@@ -6,9 +6,11 @@ gain gradients taken as single large products after the loop. The sequences are 
 (sorted by length, time-major): at step t only the first ``batch_sizes[t]`` rows are still running, so a masked batch
 statistic is a statistic over a prefix, and finished rows cost nothing.
 
-Two tricks from measurement: tanh(x) = 2σ(2x) − 1 lets one sigmoid cover all gates (the candidate block of the
-pre-activations is doubled), and the vendor kernels `native_layer_norm`, `_fused_rms_norm` and `native_batch_norm`
-(with their backward kernels) normalize each step in one call. The reference path (`fused=False`) defines the result.
+What makes it fast, from measurement on CPU: the recurrent products use oneDNN's GEMM with the weights packed once per
+sequence (about twice as fast as `torch.mm` at these shapes); tanh(x) = 2σ(2x) − 1 lets one sigmoid cover all four LSTM
+gates (the candidate block of the pre-activations is doubled); the vendor kernels `native_layer_norm`,
+`_fused_rms_norm` and `native_batch_norm` (and their backward kernels) normalize each step in one call. The reference
+path (`fused=False`) defines the result; the tests hold the two equal.
 """
 
 from __future__ import annotations
@@ -24,117 +26,148 @@ from .norm import MaskedBatchNorm
 aten = torch.ops.aten
 
 
+class Linear:
+    """``x @ weight.T`` for a weight fixed during one sequence, through oneDNN's prepacked GEMM where it applies."""
+
+    def __init__(self, weight: Tensor, rows: int) -> None:
+        self.weight = weight
+        self.packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+            except (RuntimeError, AttributeError):  # a build without oneDNN's linear: plain GEMM
+                self.packed = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is None:
+            return torch.mm(x, self.weight.t())
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def add(self, x: Tensor, other: Tensor) -> Tensor:
+        """``x @ weight.T + other``."""
+        if self.packed is None:
+            return torch.addmm(other, x, self.weight.t())
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, None, "add")
+
+
 class StepNorm:
-    """One normalization of the recurrence (of W_h h or of c_t), applied step by step without autograd.
+    """One normalization inside the recurrence, applied step by step without autograd.
 
     ``kind``: "none", "ln" (LayerNorm), "rms" (RMSNorm) or "bn" (`MaskedBatchNorm` with per-step statistics).
-    ``scale`` (a vector over the features, or None) multiplies the output in the forward pass only: it implements the
-    doubled candidate block of the sigmoid trick without another elementwise kernel.
+    ``scale`` (a vector over the features, or None) multiplies the output in the forward pass only: the doubled
+    candidate block of the sigmoid trick, at no extra kernel. ``shift`` (a tensor or None) is a bias added after the
+    normalization (the GRU's b_hn, which the reset gate multiplies); its gradient is the caller's.
     """
 
-    def __init__(self, module: nn.Module | None, scale: Tensor | None = None) -> None:
+    def __init__(self, module: nn.Module | None, scale: Tensor | None = None, shift: Tensor | None = None) -> None:
         if module is None:
             self.kind = "none"
         elif isinstance(module, nn.LayerNorm):
             self.kind = "ln"
         elif isinstance(module, nn.RMSNorm):
             self.kind = "rms"
-        elif isinstance(module, MaskedBatchNorm):
+        elif isinstance(module, MaskedBatchNorm) and module.per_step:
             self.kind = "bn"
         else:
-            raise TypeError(f"no fused path for {type(module).__name__}")
-        if self.kind == "bn" and not module.per_step:
-            raise ValueError("the fused recurrence normalizes with per-step batch statistics only")
+            raise TypeError(f"no fused path for {module!r}")
         self.module = module
-        self.weight = None if module is None else module.weight
+        self.weight = getattr(module, "weight", None)
         self.bias = getattr(module, "bias", None)
-        self.eps = None if module is None else module.eps
-        self.scale = scale
+        self.eps = getattr(module, "eps", None)
         with torch.no_grad():
-            self.fwd_weight = self.weight if (self.weight is None or scale is None) else self.weight * scale
-            self.fwd_bias = self.bias if (self.bias is None or scale is None) else self.bias * scale
+            w = self.weight if self.weight is not None else None
+            b = self.bias
+            if b is not None and shift is not None:
+                b = b + shift
+            elif b is None:
+                b = shift
+            if scale is not None:
+                w = scale if w is None else w * scale
+                b = None if b is None else b * scale
+            self.fwd_weight, self.fwd_bias = w, b
+        self.stats: list[tuple[Tensor, ...]] = []
 
     def params(self) -> list[Tensor | None]:
         return [self.weight, self.bias]
 
-    def start(self, rows: int, steps: int, features: int, like: Tensor) -> None:
-        """Allocate the per-row or per-step statistics of one sequence."""
-        if self.kind in ("ln", "rms"):
-            self.mean = like.new_empty(rows, 1) if self.kind == "ln" else None
-            self.rstd = like.new_empty(rows, 1)
-        elif self.kind == "bn":
+    def start(self, steps: int, like: Tensor) -> None:
+        """Prepare a new sequence of ``steps`` steps (evaluation-mode batch norm: the per-step affine maps)."""
+        self.stats = []
+        if self.kind == "bn" and not self.module.training:
             bn: MaskedBatchNorm = self.module
-            self.training = bn.training
-            if bn.training:
-                self.mean = like.new_empty(steps, features)
-                self.rstd = like.new_empty(steps, features)
-            else:
-                if bn.per_step:
-                    idx = torch.arange(steps, device=like.device).clamp(max=bn.max_steps - 1)
-                    rm, rv = bn.running_mean[idx], bn.running_var[idx]
-                else:
-                    rm, rv = bn.running_mean.expand(steps, -1), bn.running_var.expand(steps, -1)
-                self.mean, self.rstd = rm.to(like.dtype), torch.rsqrt(rv.to(like.dtype) + self.eps)
-                self.eval_scale = self.rstd * self.fwd_weight
-                self.eval_shift = -self.mean * self.eval_scale
-                if self.fwd_bias is not None:
-                    self.eval_shift = self.eval_shift + self.fwd_bias
-                self.eval_grad_scale = self.rstd * self.weight
+            idx = torch.arange(steps, device=like.device).clamp(max=bn.max_steps - 1)
+            mean = bn.running_mean[idx].to(like.dtype)
+            rstd = torch.rsqrt(bn.running_var[idx].to(like.dtype) + self.eps)
+            self.eval_mean, self.eval_rstd = mean, rstd
+            self.eval_scale = rstd * self.fwd_weight
+            self.eval_shift = -mean * self.eval_scale
+            if self.fwd_bias is not None:
+                self.eval_shift = self.eval_shift + self.fwd_bias
+            self.eval_grad_scale = rstd * self.weight
 
-    def forward(self, z: Tensor, t: int, rows: slice) -> Tensor:
+    def forward(self, z: Tensor, t: int) -> Tensor:
+        """The normalized (and scaled) ``z`` of step ``t``, a new tensor."""
         if self.kind == "none":
-            return z if self.scale is None else z * self.scale
+            y = z if self.fwd_weight is None else z * self.fwd_weight
+            return y if self.fwd_bias is None else y + self.fwd_bias
         if self.kind == "ln":
-            y, self.mean[rows], self.rstd[rows] = torch.native_layer_norm(
-                z, (z.shape[-1],), self.fwd_weight, self.fwd_bias, self.eps
-            )
+            y, mean, rstd = torch.native_layer_norm(z, (z.shape[-1],), self.fwd_weight, self.fwd_bias, self.eps)
+            self.stats.append((mean, rstd))
             return y
         if self.kind == "rms":
-            y, self.rstd[rows] = aten._fused_rms_norm(z, [z.shape[-1]], self.fwd_weight, self.eps)
-            return y
-        if not self.training:
-            return torch.addcmul(self.eval_shift[t], z, self.eval_scale[t])
+            y, rstd = aten._fused_rms_norm(z, [z.shape[-1]], self.fwd_weight, self.eps)
+            self.stats.append((rstd,))
+            return y if self.fwd_bias is None else y.add_(self.fwd_bias)
         bn: MaskedBatchNorm = self.module
-        update = z.shape[0] >= 2 and (not bn.per_step or t < bn.max_steps)
-        slot = t if bn.per_step else 0
-        rm = bn.running_mean[slot] if update else None
-        rv = bn.running_var[slot] if update else None
-        y, self.mean[t], self.rstd[t] = torch.native_batch_norm(
-            z, self.fwd_weight, self.fwd_bias, rm, rv, True, bn.momentum, self.eps
-        )
+        if not bn.training:
+            return torch.addcmul(self.eval_shift[t], z, self.eval_scale[t])
+        update = z.shape[0] >= 2 and t < bn.max_steps  # as the reference: < 2 rows leave the statistics alone
+        rm = bn.running_mean[t] if update else None
+        rv = bn.running_var[t] if update else None
+        y, mean, rstd = torch.native_batch_norm(z, self.fwd_weight, self.fwd_bias, rm, rv, True, bn.momentum, self.eps)
+        self.stats.append((mean, rstd))
         return y
 
-    def backward(self, dy: Tensor, z: Tensor, t: int, rows: slice) -> Tensor:
-        """The gradient with respect to ``z`` (the unscaled output's gradient ``dy`` in)."""
+    def backward(self, dy: Tensor, z: Tensor, t: int) -> Tensor:
+        """The gradient with respect to ``z`` given that of the (unscaled, unshifted) normalized output."""
         if self.kind == "none":
             return dy
         if self.kind == "ln":
+            mean, rstd = self.stats[t]
             return aten.native_layer_norm_backward(
-                dy, z, [z.shape[-1]], self.mean[rows], self.rstd[rows], self.weight, None, [True, False, False]
+                dy, z, [z.shape[-1]], mean, rstd, self.weight, None, [True, False, False]
             )[0]
         if self.kind == "rms":  # (the fused RMSNorm backward kernel has no CPU implementation)
-            rstd = self.rstd[rows]
+            (rstd,) = self.stats[t]
             zhat = z * rstd
             dzhat = dy * self.weight
             return (dzhat - zhat * (dzhat * zhat).mean(-1, keepdim=True)).mul_(rstd)
-        if not self.training:
+        if not self.module.training:
             return dy * self.eval_grad_scale[t]
+        mean, rstd = self.stats[t]
         return aten.native_batch_norm_backward(
-            dy, z, self.weight, None, None, self.mean[t], self.rstd[t], True, self.eps, [True, False, False]
+            dy, z, self.weight, None, None, mean, rstd, True, self.eps, [True, False, False]
         )[0]
 
-    def param_grads(self, dy: Tensor, z: Tensor, steps: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Gradients of the gain and shift from all rows at once: ``dy``, ``z`` are ``(N, F)``, ``steps`` ``(N,)``."""
+    def param_grads(self, dy: Tensor, z: Tensor, layout: Layout) -> tuple[Tensor | None, Tensor | None]:
+        """Gradients of the gain and shift from all packed rows at once (``dy``, ``z``: ``(N, F)``)."""
         if self.kind == "none":
             return None, None
         if self.kind == "ln":
+            mean, rstd = (torch.cat(s) for s in zip(*self.stats, strict=True))
             _, dw, db = aten.native_layer_norm_backward(
-                dy, z, [z.shape[-1]], self.mean, self.rstd, self.weight, self.bias, [False, True, self.bias is not None]
+                dy, z, [z.shape[-1]], mean, rstd, self.weight, self.bias, [False, True, self.bias is not None]
             )
             return dw, db
         if self.kind == "rms":
-            return (dy * z * self.rstd).sum(0), None
-        zhat = (z - self.mean[steps]) * self.rstd[steps]
+            rstd = torch.cat([s[0] for s in self.stats])
+            return (dy * z * rstd).sum(0), None
+        steps = layout.steps(z.device)
+        if self.module.training:
+            mean, rstd = (torch.stack(s) for s in zip(*self.stats, strict=True))
+        else:
+            mean, rstd = self.eval_mean, self.eval_rstd
+        zhat = (z - mean[steps]) * rstd[steps]
         return (dy * zhat).sum(0), None if self.bias is None else dy.sum(0)
 
 
@@ -170,126 +203,13 @@ class Layout:
         """For every sequence (in sorted order), the packed row of its last step."""
         sizes = torch.tensor(self.batch_sizes)
         lengths = (torch.arange(sizes[0]).unsqueeze(0) < sizes.unsqueeze(1)).sum(0)
-        offsets = torch.tensor(self.offsets)
-        return (offsets[lengths - 1] + torch.arange(sizes[0])).to(device)
+        return (torch.tensor(self.offsets)[lengths - 1] + torch.arange(sizes[0])).to(device)
 
-
-def _cat_prev(first: Tensor, packed: Tensor, layout: Layout) -> Tensor:
-    """The previous step's rows for every packed row: ``first`` at t = 0, then the packed rows of step t − 1."""
-    parts = [first[: layout.batch_sizes[0]]]
-    parts += [packed[layout.prev(t)] for t in range(1, len(layout.batch_sizes))]
-    return torch.cat(parts)
-
-
-class FusedLSTM(torch.autograd.Function):
-    """The recurrence of an LSTM whose gates are u_t + N_h(W_h h_{t-1}) and whose output is σ(o) ⊙ tanh(N_c(c_t)).
-
-    Inputs are in packed order: ``u`` ``(N, 4H)`` (the input term, bias included), ``h0``, ``c0`` ``(B, H)`` sorted
-    by length. Returns the packed outputs ``(N, H)`` and the final ``h``, ``c`` (sorted order).
-    """
-
-    @staticmethod
-    def forward(ctx, u, h0, c0, w_hh, wh, bh, wc, bc, layout: Layout, norm_h: StepNorm, norm_c: StepNorm):
-        n, hidden = u.shape[0], h0.shape[1]
-        steps = len(layout.batch_sizes)
-        norm_h.start(n, steps, 4 * hidden, u)
-        norm_c.start(n, steps, hidden, u)
-        us = u * norm_h.scale  # doubled candidate block: one sigmoid gives tanh(g) = 2σ(2g) − 1
-        s = torch.empty_like(u)  # sigmoid of the (scaled) pre-activations
-        z = torch.empty_like(u)  # W_h h_{t-1}
-        h = u.new_empty(n, hidden)
-        c = u.new_empty(n, hidden)
-        sc = u.new_empty(n, hidden)  # σ(2 N_c(c_t)), so tanh(N_c(c_t)) = 2 sc − 1
-        wt = w_hh.t()
-        for t in range(steps):
-            rows = layout.at(t)
-            hp, cp = (h0, c0) if t == 0 else (h[layout.prev(t)], c[layout.prev(t)])
-            zt = torch.mm(hp, wt, out=z[rows])
-            st = torch.add(us[rows], norm_h.forward(zt, t, rows), out=s[rows]).sigmoid_()
-            i, f, g, o = st.chunk(4, dim=1)
-            ct = torch.mul(i, g, out=c[rows]).mul_(2).sub_(i)  # i ⊙ tanh(g)
-            ct.addcmul_(f, cp)
-            sct = torch.sigmoid(norm_c.forward(ct, t, rows), out=sc[rows])
-            torch.mul(o, sct, out=h[rows]).mul_(2).sub_(o)  # o ⊙ tanh(N_c(c_t))
-        last = layout.last_rows(u.device)
-        ctx.save_for_backward(h0, c0, w_hh, s, z, h, c, sc)
-        ctx.layout, ctx.norm_h, ctx.norm_c = layout, norm_h, norm_c
-        ctx.needs = (wh is not None, bh is not None, wc is not None, bc is not None)
-        return h, h[last], c[last]
-
-    @staticmethod
-    def backward(ctx, dout, dhn, dcn):
-        h0, c0, w_hh, s, z, h, c, sc = ctx.saved_tensors
-        layout, norm_h, norm_c = ctx.layout, ctx.norm_h, ctx.norm_c
-        last = layout.last_rows(s.device)
-        dout = dout.clone() if dout is not None else torch.zeros_like(h)
-        dc_all = torch.zeros_like(c)
-        if dhn is not None:
-            dout.index_add_(0, last, dhn)
-        if dcn is not None:
-            dc_all.index_add_(0, last, dcn)
-        du = torch.empty_like(s)  # gradient of the gate pre-activations = of u
-        dz = du if norm_h.kind == "none" else torch.empty_like(z)
-        dchat = None if norm_c.kind == "none" else torch.empty_like(c)
-        dh0, dc0 = torch.zeros_like(h0), torch.zeros_like(c0)
-        for t in reversed(range(len(layout.batch_sizes))):
-            rows, bs = layout.at(t), layout.batch_sizes[t]
-            st, sct, ct = s[rows], sc[rows], c[rows]
-            i, f, g, o = st.chunk(4, dim=1)
-            cp = c0[:bs] if t == 0 else c[layout.prev(t)]
-            dh, dc = dout[rows], dc_all[rows]
-            dst = du[rows]
-            di, df, dg, do = dst.chunk(4, dim=1)
-            tanh_c = sct * 2 - 1
-            torch.mul(dh, tanh_c, out=do)
-            dn = dh * o * (sct - sct * sct) * 4  # through tanh(N_c(c))
-            if norm_c.kind != "none":
-                dchat[rows] = dn
-                dn = norm_c.backward(dn, ct, t, rows)
-            dc = dc + dn
-            torch.mul(dc, g, out=di).mul_(2).sub_(dc)  # dc ⊙ tanh(g)
-            torch.mul(dc, cp, out=df)
-            torch.mul(dc, i, out=dg).mul_(4)
-            dst.mul_(st - st * st)  # σ' (and tanh' = 4σ'(2g) for the candidate block)
-            dcp = dc * f
-            dzt = norm_h.backward(dst, z[rows], t, rows)
-            if norm_h.kind != "none":
-                dz[rows] = dzt
-            dhp = torch.mm(dzt, w_hh)
-            if t == 0:
-                dh0[:bs], dc0[:bs] = dhp, dcp
-            else:
-                prev = layout.prev(t)
-                dout[prev] += dhp
-                dc_all[prev] += dcp
-        hprev = _cat_prev(h0, h, layout)
-        dw_hh = dz.t().mm(hprev)
-        steps = layout.steps(s.device)
-        dwh, dbh = norm_h.param_grads(du, z, steps)
-        dwc = dbc = None
-        if norm_c.kind != "none":
-            dwc, dbc = norm_c.param_grads(dchat, c, steps)
-        wh_, bh_, wc_, bc_ = ctx.needs
-        return (
-            du,
-            dh0,
-            dc0,
-            dw_hh,
-            dwh if wh_ else None,
-            dbh if bh_ else None,
-            dwc if wc_ else None,
-            dbc if bc_ else None,
-            None,
-            None,
-            None,
-        )
-
-
-def candidate_scale(hidden: int, like: Tensor) -> Tensor:
-    """1 on the i, f, o blocks and 2 on the candidate block g (gate order i, f, g, o)."""
-    scale = like.new_ones(4 * hidden)
-    scale[2 * hidden : 3 * hidden] = 2
-    return scale
+    def previous(self, first: Tensor, packed: Tensor) -> Tensor:
+        """For every packed row, the row of the step before: ``first`` at t = 0, else the packed row of step t − 1."""
+        parts = [first[: self.batch_sizes[0]]]
+        parts += [packed[self.prev(t)] for t in range(1, len(self.batch_sizes))]
+        return torch.cat(parts)
 
 
 def run_packed(recurrence, u: Tensor, state: tuple[Tensor, ...], mask: Tensor | None):
@@ -299,8 +219,7 @@ def run_packed(recurrence, u: Tensor, state: tuple[Tensor, ...], mask: Tensor | 
     """
     steps, batch = u.shape[:2]
     if mask is None:
-        layout = Layout([batch] * steps)
-        out, final = recurrence(u.reshape(steps * batch, -1), state, layout)
+        out, final = recurrence(u.reshape(steps * batch, -1), state, Layout([batch] * steps))
         return out.view(steps, batch, -1), final
     packed = pack_padded_sequence(u, mask.sum(0).cpu(), enforce_sorted=False)
     order, unorder = packed.sorted_indices, packed.unsorted_indices
@@ -308,3 +227,190 @@ def run_packed(recurrence, u: Tensor, state: tuple[Tensor, ...], mask: Tensor | 
     out, final = recurrence(packed.data, tuple(s.index_select(0, order) for s in state), layout)
     out, _ = pad_packed_sequence(PackedSequence(out, packed.batch_sizes, order, unorder), total_length=steps)
     return out, tuple(f.index_select(0, unorder) for f in final)
+
+
+def candidate_scale(hidden: int, like: Tensor) -> Tensor:
+    """1 on the i, f, o blocks and 2 on the candidate block g (gate order i, f, g, o)."""
+    scale = like.new_ones(4 * hidden)
+    scale[2 * hidden : 3 * hidden] = 2
+    return scale
+
+
+def _grads(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    """One gradient per input of the forward: None for those that need none and for the non-tensor inputs."""
+    grads = grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
+
+
+class FusedLSTM(torch.autograd.Function):
+    """The recurrence of an LSTM whose gates are u_t + N_h(W_h h_{t-1}) and whose output is σ(o) ⊙ tanh(N_c(c_t)).
+
+    ``u`` ``(N, 4H)`` is the input term (bias included) in packed order, ``h0``, ``c0`` ``(B, H)`` sorted by length;
+    ``norm_h`` carries the candidate-doubling scale, ``norm_c`` a scale of 2. Returns the packed outputs ``(N, H)`` and
+    the final ``h``, ``c`` (sorted order). The gains and shifts of the norms are inputs so that autograd routes their
+    gradients; the norms themselves travel in ``norm_h`` and ``norm_c``.
+    """
+
+    @staticmethod
+    def forward(ctx, u, h0, c0, w_hh, wh, bh, wc, bc, layout: Layout, norm_h: StepNorm, norm_c: StepNorm):
+        n, hidden = u.shape[0], h0.shape[1]
+        steps = len(layout.batch_sizes)
+        norm_h.start(steps, u)
+        norm_c.start(steps, u)
+        gscale = candidate_scale(hidden, u)  # doubles the candidate block: one sigmoid gives tanh(g) = 2σ(2g) − 1
+        us = u * gscale
+        lin = Linear(w_hh * gscale.unsqueeze(1) if norm_h.kind == "none" else w_hh, layout.batch_sizes[0])
+        s = torch.empty_like(u)  # σ of the pre-activations (the candidate block: σ(2g))
+        h, c = u.new_empty(n, hidden), u.new_empty(n, hidden)
+        sc = u.new_empty(n, hidden)  # σ(2 N_c(c_t)), so that tanh(N_c(c_t)) = 2 sc − 1
+        zs = []
+        for t in range(steps):
+            rows = layout.at(t)
+            hp, cp = (h0, c0) if t == 0 else (h[layout.prev(t)], c[layout.prev(t)])
+            if norm_h.kind == "none":
+                st = torch.sigmoid(lin.add(hp, us[rows]), out=s[rows])
+            else:
+                zt = lin(hp)
+                zs.append(zt)
+                st = torch.add(norm_h.forward(zt, t), us[rows], out=s[rows]).sigmoid_()
+            i, f, g, o = st.chunk(4, dim=1)
+            ct = torch.mul(i, g, out=c[rows]).mul_(2).sub_(i).addcmul_(f, cp)  # f ⊙ c_{t-1} + i ⊙ tanh(g)
+            sct = torch.sigmoid(norm_c.forward(ct, t), out=sc[rows])
+            torch.mul(o, sct, out=h[rows]).mul_(2).sub_(o)  # o ⊙ tanh(N_c(c_t))
+        last = layout.last_rows(u.device)
+        ctx.save_for_backward(h0, c0, w_hh, s, h, c, sc)
+        ctx.zs, ctx.layout, ctx.norm_h, ctx.norm_c = zs, layout, norm_h, norm_c
+        return h, h[last], c[last]
+
+    @staticmethod
+    def backward(ctx, dout, dhn, dcn):
+        h0, c0, w_hh, s, h, c, sc = ctx.saved_tensors
+        layout, norm_h, norm_c, zs = ctx.layout, ctx.norm_h, ctx.norm_c, ctx.zs
+        last = layout.last_rows(s.device)
+        dh_all = dout.clone() if dout is not None else torch.zeros_like(h)
+        dc_all = torch.zeros_like(c)
+        if dhn is not None:
+            dh_all.index_add_(0, last, dhn)
+        if dcn is not None:
+            dc_all.index_add_(0, last, dcn)
+        lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
+        du = torch.empty_like(s)  # gradient of the gate pre-activations, which is that of u
+        dz = du if norm_h.kind == "none" else torch.empty_like(s)
+        dchat = None if norm_c.kind == "none" else torch.empty_like(c)
+        dh0, dc0 = torch.zeros_like(h0), torch.zeros_like(c0)
+        for t in reversed(range(len(layout.batch_sizes))):
+            rows, bs = layout.at(t), layout.batch_sizes[t]
+            st, sct = s[rows], sc[rows]
+            i, f, g, o = st.chunk(4, dim=1)
+            cp = c0[:bs] if t == 0 else c[layout.prev(t)]
+            dh = dh_all[rows]
+            dst = du[rows]
+            di, df, dg, do = dst.chunk(4, dim=1)
+            torch.mul(sct, 2, out=do).sub_(1).mul_(dh)  # dh ⊙ tanh(N_c(c_t))
+            dn = torch.addcmul(sct, sct, sct, value=-1).mul_(o).mul_(dh).mul_(4)  # through tanh: 4σ'(2x)
+            if dchat is not None:
+                dchat[rows] = dn
+                dn = norm_c.backward(dn, c[rows], t)
+            dc = dn.add_(dc_all[rows])
+            torch.mul(dc, g, out=di).mul_(2).sub_(dc)  # dc ⊙ tanh(g)
+            torch.mul(dc, cp, out=df)
+            torch.mul(dc, i, out=dg).mul_(4)
+            dst.mul_(torch.addcmul(st, st, st, value=-1))  # σ'; the candidate block: tanh' = 4σ'(2g)
+            if norm_h.kind == "none":
+                dzt = dst
+            else:
+                dzt = norm_h.backward(dst, zs[t], t)
+                dz[rows] = dzt
+            if t == 0:
+                dh0[:bs] = lin_t(dzt)
+                dc0[:bs] = dc * f
+            else:
+                prev = layout.prev(t)
+                dh_all[prev] = lin_t.add(dzt, dh_all[prev])
+                dc_all[prev].addcmul_(dc, f)
+        dw_hh = dz.t().mm(layout.previous(h0, h))
+        dwh, dbh = norm_h.param_grads(du, torch.cat(zs), layout) if zs else (None, None)
+        dwc, dbc = norm_c.param_grads(dchat, c, layout) if dchat is not None else (None, None)
+        return _grads(ctx, du, dh0, dc0, dw_hh, dwh, dbh, dwc, dbc)
+
+
+class FusedGRU(torch.autograd.Function):
+    """The recurrence of a GRU whose recurrent terms are normalized: with a = W_h h_{t-1},
+
+    r, z = σ(u_rz + N_rz(a_rz));  n = tanh(u_n + r ⊙ (N_n(a_n) + b_hn));  h_t = n + z ⊙ (h_{t-1} − n).
+
+    ``u`` ``(N, 3H)`` holds the input term with b_ih and b_hh's r, z part folded in; ``b_hn`` stays inside because the
+    reset gate multiplies it. Returns the packed outputs and the final ``h`` (sorted order).
+    """
+
+    @staticmethod
+    def forward(ctx, u, h0, w_hh, b_hn, w_rz, b_rz, w_n, b_n, layout: Layout, norm_rz: StepNorm, norm_n: StepNorm):
+        n_rows, hidden = u.shape[0], h0.shape[1]
+        steps = len(layout.batch_sizes)
+        norm_rz.start(steps, u)
+        norm_n.start(steps, u)
+        lin = Linear(w_hh, layout.batch_sizes[0])
+        rz = u.new_empty(n_rows, 2 * hidden)  # σ(r), σ(z)
+        yn = u.new_empty(n_rows, hidden)  # N_n(a_n) + b_hn
+        nn_ = u.new_empty(n_rows, hidden)  # the candidate n
+        h = u.new_empty(n_rows, hidden)
+        a_all = []
+        for t in range(steps):
+            rows = layout.at(t)
+            hp = h0 if t == 0 else h[layout.prev(t)]
+            a = lin(hp)
+            a_all.append(a)
+            a_rz, a_n = a[:, : 2 * hidden], a[:, 2 * hidden :]
+            u_rz, u_n = u[rows, : 2 * hidden], u[rows, 2 * hidden :]
+            rzt = torch.add(norm_rz.forward(a_rz, t), u_rz, out=rz[rows]).sigmoid_()
+            r, z = rzt[:, :hidden], rzt[:, hidden:]
+            ynt = norm_n.forward(a_n, t)
+            yn[rows] = ynt
+            nt = torch.tanh(torch.addcmul(u_n, r, ynt), out=nn_[rows])
+            torch.addcmul(nt, z, hp - nt, out=h[rows])
+        last = layout.last_rows(u.device)
+        ctx.save_for_backward(h0, w_hh, rz, yn, nn_, h)
+        ctx.a_all, ctx.layout, ctx.norm_rz, ctx.norm_n = a_all, layout, norm_rz, norm_n
+        return h, h[last]
+
+    @staticmethod
+    def backward(ctx, dout, dhn):
+        h0, w_hh, rz, yn, nn_, h = ctx.saved_tensors
+        layout, norm_rz, norm_n, a_all = ctx.layout, ctx.norm_rz, ctx.norm_n, ctx.a_all
+        hidden = h0.shape[1]
+        dh_all = dout.clone() if dout is not None else torch.zeros_like(h)
+        if dhn is not None:
+            dh_all.index_add_(0, layout.last_rows(h.device), dhn)
+        lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
+        du = rz.new_empty(rz.shape[0], 3 * hidden)
+        dyn = torch.empty_like(yn)
+        da = torch.empty_like(du)
+        dh0 = torch.zeros_like(h0)
+        for t in reversed(range(len(layout.batch_sizes))):
+            rows, bs = layout.at(t), layout.batch_sizes[t]
+            hp = h0[:bs] if t == 0 else h[layout.prev(t)]
+            rzt, nt, ynt, dh = rz[rows], nn_[rows], yn[rows], dh_all[rows]
+            r, z = rzt[:, :hidden], rzt[:, hidden:]
+            dut = du[rows]
+            dr, dz, dn = dut[:, :hidden], dut[:, hidden : 2 * hidden], dut[:, 2 * hidden :]
+            torch.mul(dh, 1 - z, out=dn).mul_(torch.addcmul(torch.ones_like(nt), nt, nt, value=-1))  # tanh'
+            torch.mul(dh, hp - nt, out=dz)
+            torch.mul(dn, ynt, out=dr)
+            rzd = dut[:, : 2 * hidden]
+            rzd.mul_(torch.addcmul(rzt, rzt, rzt, value=-1))  # σ'
+            dynt = torch.mul(dn, r, out=dyn[rows])
+            a = a_all[t]
+            dat = da[rows]
+            dat[:, : 2 * hidden] = norm_rz.backward(rzd, a[:, : 2 * hidden], t)
+            dat[:, 2 * hidden :] = norm_n.backward(dynt, a[:, 2 * hidden :], t)
+            dhp = torch.mul(dh, z)
+            if t == 0:
+                dh0[:bs] = lin_t.add(dat, dhp)
+            else:
+                prev = layout.prev(t)
+                dh_all[prev] = lin_t.add(dat, dh_all[prev] + dhp)
+        a = torch.cat(a_all)
+        dw_hh = da.t().mm(layout.previous(h0, h))
+        dw_rz, db_rz = norm_rz.param_grads(du[:, : 2 * hidden], a[:, : 2 * hidden], layout)
+        dw_n, db_n = norm_n.param_grads(dyn, a[:, 2 * hidden :], layout)
+        return _grads(ctx, du, dh0, dw_hh, dyn.sum(0), dw_rz, db_rz, dw_n, db_n)
