@@ -2,6 +2,7 @@
 
 from .digits import SequentialDigits
 from .download import DataError, download, ensure_file, sha256sum, verify
+from .mnist import SequentialMNIST
 from .text import LanguageModelingData, PennTreebank, TextFile, TinyShakespeare
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "LanguageModelingData",
     "PennTreebank",
     "SequentialDigits",
+    "SequentialMNIST",
     "TextFile",
     "TinyShakespeare",
     "download",

@@ -42,7 +42,7 @@ def download(
     dest: str | os.PathLike,
     sha256: str | None = None,
     progress: bool = True,
-    check: Callable[[Path], None] | None = None,
+    check: Callable[[Path], object] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest`` through a ``.part`` file, verify it, and only then move it into place.
 
@@ -80,7 +80,7 @@ def ensure_file(
     path: str | os.PathLike,
     url: str | None = None,
     sha256: str | None = None,
-    check: Callable[[Path], None] | None = None,
+    check: Callable[[Path], object] | None = None,
 ) -> Path:
     """Return ``path``, downloading it from ``url`` first if it is absent; verify it (sha256, ``check``) either way."""
     path = Path(path)
