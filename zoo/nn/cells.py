@@ -479,8 +479,9 @@ class BNIndRNNCell(RecurrentCell):
 
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         if self.training:
-            with torch.no_grad():
-                self.weight_hh.clamp_(-self.recurrent_max, self.recurrent_max)
+            with torch.no_grad():  # write (and bump u's version) only when u is out of range: a graph still
+                if (self.weight_hh.abs() > self.recurrent_max).any():  # holding u stays valid otherwise
+                    self.weight_hh.clamp_(-self.recurrent_max, self.recurrent_max)
         return super().forward(x, state, mask)
 
     def step(self, u: Tensor, state: State, t: int, mask: Tensor | None) -> tuple[Tensor, State]:
