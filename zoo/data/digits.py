@@ -64,16 +64,16 @@ def stratified_split(labels: torch.Tensor, fractions: tuple[float, ...], seed: i
 class SequentialDigits(L.LightningDataModule):
     """The UCI optdigits test file (1797 images of 8x8 pixels, 10 classes) as 64-step sequences of one pixel.
 
-    The file is read from ``data_dir`` (downloaded from UCI when absent, sha256-verified either way) and split, seeded
-    and stratified by class, into train / val / test (``val_fraction`` and ``test_fraction`` of every class go to val
-    and test).
+    The file is read from ``data_dir`` (downloaded from ``base_url``, default UCI, when absent; sha256-verified) and
+    split, seeded and stratified by class, into train / val / test (``val_fraction`` and ``test_fraction`` of every
+    class go to val and test).
     Pixels are scaled from 0..16 to [0, 1]; with ``normalize`` they are then standardized with the mean and standard
     deviation of the training pixels (one scalar pair, since every step carries one pixel).
 
     Batches are ``(x, lengths, y)``: x float (B, 64, 1), lengths long (B,) (all 64), y long (B,).
     """
 
-    url = "https://archive.ics.uci.edu/ml/machine-learning-databases/optdigits/optdigits.tes"
+    base_url = "https://archive.ics.uci.edu/ml/machine-learning-databases/optdigits"
 
     def __init__(
         self,
@@ -84,6 +84,7 @@ class SequentialDigits(L.LightningDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
         normalize: bool = True,
+        base_url: str | None = None,
     ) -> None:
         super().__init__()
         if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
@@ -94,6 +95,7 @@ class SequentialDigits(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.base_url = (base_url or self.base_url).rstrip("/")
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
@@ -110,15 +112,18 @@ class SequentialDigits(L.LightningDataModule):
         """The optdigits file."""
         return self.data_dir / FILE
 
+    def _file(self) -> Path:
+        return ensure_file(self.path, f"{self.base_url}/{FILE}", SHA256)
+
     def prepare_data(self) -> None:
         """Download the file if it is absent, and verify it."""
-        ensure_file(self.path, self.url, SHA256)
+        self._file()
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split and scale the data (once)."""
         if self.train_set is not None:
             return
-        pixels, labels = read_optdigits(ensure_file(self.path, self.url, SHA256))
+        pixels, labels = read_optdigits(self._file())
         hp = self.hparams
         val_idx, test_idx, train_idx = stratified_split(labels, (hp.val_fraction, hp.test_fraction), hp.seed)
         x = pixels.float().div_(16.0).unsqueeze(-1)
