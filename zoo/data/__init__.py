@@ -2,10 +2,13 @@
 
 from .digits import SequentialDigits
 from .download import DataError, download, ensure_file, sha256sum, verify
+from .forecast import CSVForecasting
 from .mnist import SequentialMNIST
 from .text import LanguageModelingData, PennTreebank, TextFile, TinyShakespeare
+from .ucr import UCRArchive
 
 __all__ = [
+    "CSVForecasting",
     "DataError",
     "LanguageModelingData",
     "PennTreebank",
@@ -13,6 +16,7 @@ __all__ = [
     "SequentialMNIST",
     "TextFile",
     "TinyShakespeare",
+    "UCRArchive",
     "download",
     "ensure_file",
     "sha256sum",
