@@ -66,6 +66,8 @@ class WindowLoader(DataLoader):
 
     ``state_dict()`` is ``{"position": windows served so far this epoch}``; after ``load_state_dict`` the next iteration
     starts at that window (Lightning calls both for the training loader when it saves and resumes a checkpoint).
+    Windows are views, so worker processes only add overhead: keep ``num_workers=0``. Single device only: a distributed
+    sampler would interleave the windows and break the continuity of the rows.
     """
 
     def __init__(self, windows: BPTTWindows, num_workers: int = 0) -> None:
