@@ -201,7 +201,7 @@ def test_naive_last_value_by_hand(tmp_path: Path) -> None:
     metrics = naive_last_value_metrics(dm)
     assert metrics["mse"] == pytest.approx((1 + 4 + 9 + 16) / 4)
     assert metrics["mae"] == pytest.approx((1 + 2 + 3 + 4) / 4)
-    with pytest.raises(ValueError, match=r"needs the targets among the features"):
+    with pytest.raises(ValueError, match=r"targets \['OT'\] are not among the features \['HUFL'\]"):
         naive_last_value_metrics(make(tmp_path / "ramp.csv", features=["HUFL"]))
 
 
@@ -246,3 +246,24 @@ def test_forecaster_trains_and_reports_raw_metrics(csv_path: Path) -> None:
     raw_err = (pred * std + mean) - (y * std + mean)
     assert result["test/mse_raw"] == pytest.approx(torch.mean(raw_err**2).item(), rel=1e-4)
     assert result["test/mae_raw"] == pytest.approx(torch.mean(raw_err.abs()).item(), rel=1e-4)
+
+
+def test_residual_starts_as_the_naive_forecast_and_ignores_the_level(csv_path: Path) -> None:
+    dm = make(csv_path, target=["OT", "HULL"])
+    assert dm.target_index == [6, 1]
+    model = Forecaster("lstm", hidden_size=8, residual=True, dims=dm.dims)
+    with pytest.raises(RuntimeError, match=r"residual=True needs the targets' positions"):
+        model(torch.randn(2, 8, 7))
+    with pytest.raises(ValueError, match=r"target_index must hold 2 positions in 0\.\.6"):
+        model.set_target_index([6, 7])
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    result = trainer.test(model, datamodule=dm, verbose=False)[0]  # setup() takes target_index from the DataModule
+    assert model.target_index.tolist() == [6, 1]
+    naive = naive_last_value_metrics(dm)
+    assert result["test/mse"] == pytest.approx(naive["mse"], rel=1e-5)
+    assert result["test/mae"] == pytest.approx(naive["mae"], rel=1e-5)
+    torch.nn.init.normal_(model.head.weight)  # a non-trivial head: the forecast moves with the level of the input
+    x, shift = torch.randn(3, 8, 7), torch.randn(7)
+    torch.testing.assert_close(model(x + shift), model(x) + shift[[6, 1]])
+    state = model.state_dict()
+    assert state["target_index"].tolist() == [6, 1]  # saved in checkpoints

@@ -181,6 +181,14 @@ class CSVForecasting(L.LightningDataModule):
         return self.features or [c for c in self._columns() if c != self.date_column]
 
     @property
+    def target_index(self) -> list[int]:
+        """The position of every target column among the feature columns (a `ValueError` if one is not a feature)."""
+        absent = [c for c in self.target if c not in self.feature_columns]
+        if absent:
+            raise ValueError(f"targets {absent} are not among the features {self.feature_columns}")
+        return [self.feature_columns.index(c) for c in self.target]
+
+    @property
     def dims(self) -> dict[str, int]:
         """``{"input_size": C, "output_size": n_targets, "horizon": H, "max_steps": input_len}`` (reads the header)."""
         return {
@@ -330,10 +338,7 @@ class CSVForecasting(L.LightningDataModule):
 
 def naive_last_value_metrics(datamodule: CSVForecasting, split: str = "test") -> dict[str, float]:
     """MSE and MAE on the normalized scale of the naive forecast repeating each target's last input value."""
-    missing = [c for c in datamodule.target if c not in datamodule.feature_columns]
-    if missing:
-        raise ValueError(f"the naive forecast needs the targets among the features; {missing} are not")
-    idx = [datamodule.feature_columns.index(c) for c in datamodule.target]
+    idx = datamodule.target_index
     se = ae = 0.0
     count = 0
     for x, y in DataLoader(datamodule.dataset(split), batch_size=1024):

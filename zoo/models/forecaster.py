@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
@@ -15,7 +16,10 @@ class Forecaster(RecurrentModule):
     """A recurrent multi-horizon forecaster (ETT and any `zoo.data.forecast.CSVForecasting` CSV).
 
     Batches are ``(x, y)``: x float (B, window, C), y float (B, horizon, n_targets). The recurrent network reads the
-    window; a linear head maps its last output to ``horizon * n_targets`` values. Trained with MSE; MSE and MAE are
+    window; a linear head maps its last output to ``horizon * n_targets`` values. With ``residual`` (NLinear's trick,
+    Zeng et al. 2023), the network reads the window relative to its last row and predicts the targets' change from
+    their last value, so it is blind to the level (robust to the level shifts of ETT) and a zero head is the naive
+    last-value forecast. Trained with MSE; MSE and MAE are
     logged on the normalized scale (``val/mse``, ``val/mae``, ``test/mse``, ``test/mae``, as the ETT literature reports)
     and, at test time, on the original scale (``test/mse_raw``, ``test/mae_raw``) with the DataModule's
     ``target_mean`` / ``target_std``.
@@ -24,6 +28,10 @@ class Forecaster(RecurrentModule):
         variant: a `zoo.nn` variant name.
         hidden_size, num_layers, dropout: of the recurrent network (dropout between layers).
         rnn_options: the variant's own options (``zoo.nn.get_variant(variant).options``).
+        residual: read ``x - x[:, -1:]`` and add each target's last input value to the forecast; the head starts at
+            zero (the naive forecast).
+            The targets' positions among the input channels (``target_index``, saved in checkpoints) come from the
+            DataModule's ``target_index`` at ``setup``, or from `set_target_index`.
         dims: ``{"input_size": C, "output_size": n_targets, "horizon": H, "max_steps": window}``, linked from the
             DataModule by the CLI.
     """
@@ -38,6 +46,7 @@ class Forecaster(RecurrentModule):
         num_layers: int = 1,
         dropout: float = 0.0,
         rnn_options: dict[str, Any] | None = None,
+        residual: bool = False,
         dims: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
@@ -54,6 +63,10 @@ class Forecaster(RecurrentModule):
             dims=dims,
         )
         self.head = nn.Linear(hidden_size, self.horizon * self.n_targets)
+        self.register_buffer("target_index", torch.full((self.n_targets,), -1, dtype=torch.long))
+        if residual:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{name}": metric()
@@ -64,10 +77,34 @@ class Forecaster(RecurrentModule):
         )
         self._scaler: tuple[Tensor, Tensor] | None = None
 
+    def set_target_index(self, index: list[int]) -> None:
+        """Set the positions of the ``n_targets`` target channels among the input channels (for ``residual``)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        channels = self.rnn.input_size
+        if index.shape != self.target_index.shape or index.min() < 0 or index.max() >= channels:
+            raise ValueError(f"target_index must hold {self.n_targets} positions in 0..{channels - 1}, got {index}")
+        self.target_index.copy_(index)
+
+    def setup(self, stage: str) -> None:
+        """With ``residual``, take ``target_index`` from the DataModule if it has one."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.hparams.residual and dm is not None and hasattr(type(dm), "target_index"):
+            self.set_target_index(dm.target_index)
+
     def forward(self, x: Tensor) -> Tensor:
         """The forecast (B, horizon, n_targets) for a window x (B, window, C)."""
+        last = None
+        if self.hparams.residual:
+            if (self.target_index < 0).any():
+                raise RuntimeError(
+                    "residual=True needs the targets' positions among the inputs: train with a DataModule that has "
+                    "target_index (e.g. CSVForecasting) or call set_target_index"
+                )
+            last = x[:, -1:]
+            x = x - last
         out, _ = self.rnn(x)
-        return self.head(out[:, -1]).view(x.shape[0], self.horizon, self.n_targets)
+        pred = self.head(out[:, -1]).view(x.shape[0], self.horizon, self.n_targets)
+        return pred if last is None else pred + last[:, :, self.target_index]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
