@@ -267,3 +267,13 @@ def test_residual_starts_as_the_naive_forecast_and_ignores_the_level(csv_path: P
     torch.testing.assert_close(model(x + shift), model(x) + shift[[6, 1]])
     state = model.state_dict()
     assert state["target_index"].tolist() == [6, 1]  # saved in checkpoints
+
+
+def test_month_split_needs_readable_dates(tmp_path: Path) -> None:
+    path = tmp_path / "dates.csv"
+    path.write_text("date,OT\nyesterday,1\ntoday,2\n")
+    with pytest.raises(DataError, match=r"dates\.csv, column 'date': cannot read the first dates"):
+        CSVForecasting(str(path), input_len=1, horizon=1).setup()
+    path.write_text("OT\n1\n2\n")
+    with pytest.raises(DataError, match=r"dates\.csv: a split in months or days needs a date column"):
+        CSVForecasting(str(path), date_column=None, input_len=1, horizon=1).setup()
