@@ -20,3 +20,15 @@ def _seed_torch() -> None:
 def variant(request: pytest.FixtureRequest) -> str:
     """Each registered variant by name (a test narrows it with ``@pytest.mark.parametrize("variant", ...)``)."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_nn_tests(request: pytest.FixtureRequest):
+    """The `zoo.nn` tests use tiny tensors: one intra-op thread avoids thread hand-offs on a busy 2-core machine."""
+    if not request.node.module.__name__.startswith("test_nn_"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
