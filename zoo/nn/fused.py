@@ -86,6 +86,7 @@ class StepNorm:
                 b = None if b is None else b * scale
             self.fwd_weight, self.fwd_bias = w, b
         self.stats: list[tuple[Tensor, ...]] = []
+        self.dw = self.db = None
 
     def params(self) -> list[Tensor | None]:
         return [self.weight, self.bias]
@@ -93,6 +94,7 @@ class StepNorm:
     def start(self, steps: int, like: Tensor) -> None:
         """Prepare a new sequence of ``steps`` steps (evaluation-mode batch norm: the per-step affine maps)."""
         self.stats = []
+        self.dw = self.db = None
         if self.kind == "bn" and not self.module.training:
             bn: MaskedBatchNorm = self.module
             idx = torch.arange(steps, device=like.device).clamp(max=bn.max_steps - 1)
@@ -129,46 +131,42 @@ class StepNorm:
         return y
 
     def backward(self, dy: Tensor, z: Tensor, t: int) -> Tensor:
-        """The gradient with respect to ``z`` given that of the (unscaled, unshifted) normalized output."""
+        """The gradient with respect to ``z`` given that of the (unscaled, unshifted) normalized output ``dy``.
+
+        The gradients of the gain and shift are accumulated step by step (`param_grads` returns them): the kernels
+        produce them in the same pass, so no tensor of all steps' inputs is ever built for them.
+        """
         if self.kind == "none":
             return dy
+        w_mask, b_mask = self.weight is not None, self.bias is not None
         if self.kind == "ln":
             mean, rstd = self.stats[t]
-            return aten.native_layer_norm_backward(
-                dy, z, [z.shape[-1]], mean, rstd, self.weight, None, [True, False, False]
-            )[0]
-        if self.kind == "rms":  # (the fused RMSNorm backward kernel has no CPU implementation)
+            dz, dw, db = aten.native_layer_norm_backward(
+                dy, z, [z.shape[-1]], mean, rstd, self.weight, self.bias, [True, w_mask, b_mask]
+            )
+        elif self.kind == "rms":  # (the fused RMSNorm backward kernel has no CPU implementation)
             (rstd,) = self.stats[t]
             zhat = z * rstd
             dzhat = dy * self.weight
-            return (dzhat - zhat * (dzhat * zhat).mean(-1, keepdim=True)).mul_(rstd)
-        if not self.module.training:
-            return dy * self.eval_grad_scale[t]
-        mean, rstd = self.stats[t]
-        return aten.native_batch_norm_backward(
-            dy, z, self.weight, None, None, mean, rstd, True, self.eps, [True, False, False]
-        )[0]
-
-    def param_grads(self, dy: Tensor, z: Tensor, layout: Layout) -> tuple[Tensor | None, Tensor | None]:
-        """Gradients of the gain and shift from all packed rows at once (``dy``, ``z``: ``(N, F)``)."""
-        if self.kind == "none":
-            return None, None
-        if self.kind == "ln":
-            mean, rstd = (torch.cat(s) for s in zip(*self.stats, strict=True))
-            _, dw, db = aten.native_layer_norm_backward(
-                dy, z, [z.shape[-1]], mean, rstd, self.weight, self.bias, [False, True, self.bias is not None]
+            dw, db = (dy * zhat).sum(0), None
+            dz = (dzhat - zhat * (dzhat * zhat).mean(-1, keepdim=True)).mul_(rstd)
+        elif self.module.training:
+            mean, rstd = self.stats[t]
+            dz, dw, db = aten.native_batch_norm_backward(
+                dy, z, self.weight, None, None, mean, rstd, True, self.eps, [True, w_mask, b_mask]
             )
-            return dw, db
-        if self.kind == "rms":
-            rstd = torch.cat([s[0] for s in self.stats])
-            return (dy * z * rstd).sum(0), None
-        steps = layout.steps(z.device)
-        if self.module.training:
-            mean, rstd = (torch.stack(s) for s in zip(*self.stats, strict=True))
         else:
-            mean, rstd = self.eval_mean, self.eval_rstd
-        zhat = (z - mean[steps]) * rstd[steps]
-        return (dy * zhat).sum(0), None if self.bias is None else dy.sum(0)
+            dz = dy * self.eval_grad_scale[t]
+            dw = (dy * (z - self.eval_mean[t]) * self.eval_rstd[t]).sum(0)
+            db = dy.sum(0) if b_mask else None
+        self.dw = dw if self.dw is None else self.dw.add_(dw)
+        if db is not None:
+            self.db = db if self.db is None else self.db.add_(db)
+        return dz
+
+    def param_grads(self) -> tuple[Tensor | None, Tensor | None]:
+        """The gradients of the gain and shift accumulated by `backward`."""
+        return self.dw, self.db
 
 
 @dataclass
@@ -193,11 +191,6 @@ class Layout:
     def prev(self, t: int) -> slice:
         """The rows of step t − 1 that are still running at step t."""
         return slice(self.offsets[t - 1], self.offsets[t - 1] + self.batch_sizes[t])
-
-    def steps(self, device: torch.device) -> Tensor:
-        """The time step of every packed row."""
-        sizes = torch.tensor(self.batch_sizes, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.batch_sizes), device=device), sizes)
 
     def last_rows(self, device: torch.device) -> Tensor:
         """For every sequence (in sorted order), the packed row of its last step."""
@@ -258,34 +251,32 @@ class FusedLSTM(torch.autograd.Function):
         norm_h.start(steps, u)
         norm_c.start(steps, u)
         gscale = candidate_scale(hidden, u)  # doubles the candidate block: one sigmoid gives tanh(g) = 2σ(2g) − 1
-        us = u * gscale
         lin = Linear(w_hh * gscale.unsqueeze(1) if norm_h.kind == "none" else w_hh, layout.batch_sizes[0])
         s = torch.empty_like(u)  # σ of the pre-activations (the candidate block: σ(2g))
         h, c = u.new_empty(n, hidden), u.new_empty(n, hidden)
         sc = u.new_empty(n, hidden)  # σ(2 N_c(c_t)), so that tanh(N_c(c_t)) = 2 sc − 1
-        zs = []
+        z = None if norm_h.kind == "none" else torch.empty_like(u)  # W_h h_{t-1}; its gradient in backward
         for t in range(steps):
             rows = layout.at(t)
             hp, cp = (h0, c0) if t == 0 else (h[layout.prev(t)], c[layout.prev(t)])
-            if norm_h.kind == "none":
-                st = torch.sigmoid(lin.add(hp, us[rows]), out=s[rows])
-            else:
-                zt = lin(hp)
-                zs.append(zt)
-                st = torch.add(norm_h.forward(zt, t), us[rows], out=s[rows]).sigmoid_()
+            zt = lin(hp)
+            if z is not None:
+                z[rows] = zt
+                zt = norm_h.forward(zt, t)
+            st = torch.addcmul(zt, u[rows], gscale, out=s[rows]).sigmoid_()
             i, f, g, o = st.chunk(4, dim=1)
             ct = torch.mul(i, g, out=c[rows]).mul_(2).sub_(i).addcmul_(f, cp)  # f ⊙ c_{t-1} + i ⊙ tanh(g)
             sct = torch.sigmoid(norm_c.forward(ct, t), out=sc[rows])
             torch.mul(o, sct, out=h[rows]).mul_(2).sub_(o)  # o ⊙ tanh(N_c(c_t))
         last = layout.last_rows(u.device)
-        ctx.save_for_backward(h0, c0, w_hh, s, h, c, sc)
-        ctx.zs, ctx.layout, ctx.norm_h, ctx.norm_c = zs, layout, norm_h, norm_c
+        ctx.save_for_backward(h0, c0, w_hh, s, h, c, sc, z)
+        ctx.layout, ctx.norm_h, ctx.norm_c = layout, norm_h, norm_c
         return h, h[last], c[last]
 
     @staticmethod
     def backward(ctx, dout, dhn, dcn):
-        h0, c0, w_hh, s, h, c, sc = ctx.saved_tensors
-        layout, norm_h, norm_c, zs = ctx.layout, ctx.norm_h, ctx.norm_c, ctx.zs
+        h0, c0, w_hh, s, h, c, sc, z = ctx.saved_tensors
+        layout, norm_h, norm_c = ctx.layout, ctx.norm_h, ctx.norm_c
         last = layout.last_rows(s.device)
         dh_all = dout.clone() if dout is not None else torch.zeros_like(h)
         dc_all = torch.zeros_like(c)
@@ -295,8 +286,7 @@ class FusedLSTM(torch.autograd.Function):
             dc_all.index_add_(0, last, dcn)
         lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
         du = torch.empty_like(s)  # gradient of the gate pre-activations, which is that of u
-        dz = du if norm_h.kind == "none" else torch.empty_like(s)
-        dchat = None if norm_c.kind == "none" else torch.empty_like(c)
+        dz = du if z is None else z  # step t's gradient overwrites step t's input, no longer needed
         dh0, dc0 = torch.zeros_like(h0), torch.zeros_like(c0)
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
@@ -308,18 +298,16 @@ class FusedLSTM(torch.autograd.Function):
             di, df, dg, do = dst.chunk(4, dim=1)
             torch.mul(sct, 2, out=do).sub_(1).mul_(dh)  # dh ⊙ tanh(N_c(c_t))
             dn = torch.addcmul(sct, sct, sct, value=-1).mul_(o).mul_(dh).mul_(4)  # through tanh: 4σ'(2x)
-            if dchat is not None:
-                dchat[rows] = dn
-                dn = norm_c.backward(dn, c[rows], t)
+            dn = norm_c.backward(dn, c[rows], t)
             dc = dn.add_(dc_all[rows])
             torch.mul(dc, g, out=di).mul_(2).sub_(dc)  # dc ⊙ tanh(g)
             torch.mul(dc, cp, out=df)
             torch.mul(dc, i, out=dg).mul_(4)
             dst.mul_(torch.addcmul(st, st, st, value=-1))  # σ'; the candidate block: tanh' = 4σ'(2g)
-            if norm_h.kind == "none":
+            if z is None:
                 dzt = dst
             else:
-                dzt = norm_h.backward(dst, zs[t], t)
+                dzt = norm_h.backward(dst, z[rows], t)
                 dz[rows] = dzt
             if t == 0:
                 dh0[:bs] = lin_t(dzt)
@@ -329,9 +317,7 @@ class FusedLSTM(torch.autograd.Function):
                 dh_all[prev] = lin_t.add(dzt, dh_all[prev])
                 dc_all[prev].addcmul_(dc, f)
         dw_hh = dz.t().mm(layout.previous(h0, h))
-        dwh, dbh = norm_h.param_grads(du, torch.cat(zs), layout) if zs else (None, None)
-        dwc, dbc = norm_c.param_grads(dchat, c, layout) if dchat is not None else (None, None)
-        return _grads(ctx, du, dh0, dc0, dw_hh, dwh, dbh, dwc, dbc)
+        return _grads(ctx, du, dh0, dc0, dw_hh, *norm_h.param_grads(), *norm_c.param_grads())
 
 
 class FusedGRU(torch.autograd.Function):
@@ -354,12 +340,12 @@ class FusedGRU(torch.autograd.Function):
         yn = u.new_empty(n_rows, hidden)  # N_n(a_n) + b_hn
         nn_ = u.new_empty(n_rows, hidden)  # the candidate n
         h = u.new_empty(n_rows, hidden)
-        a_all = []
+        a_all = torch.empty_like(u)  # W_h h_{t-1}; its gradient in backward
         for t in range(steps):
             rows = layout.at(t)
             hp = h0 if t == 0 else h[layout.prev(t)]
             a = lin(hp)
-            a_all.append(a)
+            a_all[rows] = a
             a_rz, a_n = a[:, : 2 * hidden], a[:, 2 * hidden :]
             u_rz, u_n = u[rows, : 2 * hidden], u[rows, 2 * hidden :]
             rzt = torch.add(norm_rz.forward(a_rz, t), u_rz, out=rz[rows]).sigmoid_()
@@ -369,14 +355,14 @@ class FusedGRU(torch.autograd.Function):
             nt = torch.tanh(torch.addcmul(u_n, r, ynt), out=nn_[rows])
             torch.addcmul(nt, z, hp - nt, out=h[rows])
         last = layout.last_rows(u.device)
-        ctx.save_for_backward(h0, w_hh, rz, yn, nn_, h)
-        ctx.a_all, ctx.layout, ctx.norm_rz, ctx.norm_n = a_all, layout, norm_rz, norm_n
+        ctx.save_for_backward(h0, w_hh, rz, yn, nn_, h, a_all)
+        ctx.layout, ctx.norm_rz, ctx.norm_n = layout, norm_rz, norm_n
         return h, h[last]
 
     @staticmethod
     def backward(ctx, dout, dhn):
-        h0, w_hh, rz, yn, nn_, h = ctx.saved_tensors
-        layout, norm_rz, norm_n, a_all = ctx.layout, ctx.norm_rz, ctx.norm_n, ctx.a_all
+        h0, w_hh, rz, yn, nn_, h, a_all = ctx.saved_tensors
+        layout, norm_rz, norm_n = ctx.layout, ctx.norm_rz, ctx.norm_n
         hidden = h0.shape[1]
         dh_all = dout.clone() if dout is not None else torch.zeros_like(h)
         if dhn is not None:
@@ -384,7 +370,7 @@ class FusedGRU(torch.autograd.Function):
         lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
         du = rz.new_empty(rz.shape[0], 3 * hidden)
         dyn = torch.empty_like(yn)
-        da = torch.empty_like(du)
+        da = a_all  # step t's gradient overwrites step t's input, no longer needed
         dh0 = torch.zeros_like(h0)
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
@@ -399,18 +385,14 @@ class FusedGRU(torch.autograd.Function):
             rzd = dut[:, : 2 * hidden]
             rzd.mul_(torch.addcmul(rzt, rzt, rzt, value=-1))  # σ'
             dynt = torch.mul(dn, r, out=dyn[rows])
-            a = a_all[t]
             dat = da[rows]
-            dat[:, : 2 * hidden] = norm_rz.backward(rzd, a[:, : 2 * hidden], t)
-            dat[:, 2 * hidden :] = norm_n.backward(dynt, a[:, 2 * hidden :], t)
+            dat[:, : 2 * hidden] = norm_rz.backward(rzd, dat[:, : 2 * hidden], t)
+            dat[:, 2 * hidden :] = norm_n.backward(dynt, dat[:, 2 * hidden :], t)
             dhp = torch.mul(dh, z)
             if t == 0:
                 dh0[:bs] = lin_t.add(dat, dhp)
             else:
                 prev = layout.prev(t)
                 dh_all[prev] = lin_t.add(dat, dh_all[prev] + dhp)
-        a = torch.cat(a_all)
         dw_hh = da.t().mm(layout.previous(h0, h))
-        dw_rz, db_rz = norm_rz.param_grads(du[:, : 2 * hidden], a[:, : 2 * hidden], layout)
-        dw_n, db_n = norm_n.param_grads(dyn, a[:, 2 * hidden :], layout)
-        return _grads(ctx, du, dh0, dw_hh, dyn.sum(0), dw_rz, db_rz, dw_n, db_n)
+        return _grads(ctx, du, dh0, dw_hh, dyn.sum(0), *norm_rz.param_grads(), *norm_n.param_grads())
