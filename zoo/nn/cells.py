@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from .fused import FusedGRU, FusedLSTM, StepNorm, candidate_scale, run_packed
+from .fused import FusedGRU, FusedIndRNN, FusedLSTM, StepNorm, candidate_scale, run_packed
 from .norm import MaskedBatchNorm
 
 State = tuple[Tensor, ...]
@@ -487,6 +487,11 @@ class BNIndRNNCell(RecurrentCell):
     def step(self, u: Tensor, state: State, t: int, mask: Tensor | None) -> tuple[Tensor, State]:
         h = torch.relu(u + self.weight_hh * state[0])
         return h, (h,)
+
+    def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
+        """The recurrence with a hand-written backward (`zoo.nn.fused.FusedIndRNN`), on packed rows."""
+        out, h = FusedIndRNN.apply(u, state[0], self.weight_hh, layout)
+        return out, (h,)
 
     def output_transform(self, out: Tensor, mask: Tensor | None) -> Tensor:
         return self.bn(out, mask) if self.bn_placement == "output" else out

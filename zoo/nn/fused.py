@@ -396,3 +396,37 @@ class FusedGRU(torch.autograd.Function):
                 dh_all[prev] = lin_t.add(dat, dh_all[prev] + dhp)
         dw_hh = da.t().mm(layout.previous(h0, h))
         return _grads(ctx, du, dh0, dw_hh, dyn.sum(0), *norm_rz.param_grads(), *norm_n.param_grads())
+
+
+class FusedIndRNN(torch.autograd.Function):
+    """The IndRNN recurrence h_t = ReLU(u_t + w ⊙ h_{t-1}) on packed rows; returns the outputs and the final h."""
+
+    @staticmethod
+    def forward(ctx, u, h0, w, layout: Layout):
+        h = torch.empty_like(u)
+        for t in range(len(layout.batch_sizes)):
+            hp = h0 if t == 0 else h[layout.prev(t)]
+            torch.addcmul(u[layout.at(t)], w, hp, out=h[layout.at(t)]).relu_()
+        ctx.save_for_backward(h0, w, h)
+        ctx.layout = layout
+        return h, h[layout.last_rows(u.device)]
+
+    @staticmethod
+    def backward(ctx, dout, dhn):
+        h0, w, h = ctx.saved_tensors
+        layout = ctx.layout
+        dh_all = dout.clone() if dout is not None else torch.zeros_like(h)
+        if dhn is not None:
+            dh_all.index_add_(0, layout.last_rows(h.device), dhn)
+        du = torch.empty_like(h)
+        dh0 = torch.zeros_like(h0)
+        for t in reversed(range(len(layout.batch_sizes))):
+            rows, bs = layout.at(t), layout.batch_sizes[t]
+            dpre = du[rows]
+            dpre.copy_(aten.threshold_backward(dh_all[rows], h[rows], 0))
+            if t == 0:
+                dh0[:bs] = dpre * w
+            else:
+                dh_all[layout.prev(t)].addcmul_(dpre, w)
+        dw = (du * layout.previous(h0, h)).sum(0)
+        return _grads(ctx, du, dh0, dw)
