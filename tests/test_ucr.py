@@ -300,3 +300,11 @@ def test_download_of_a_bad_zip_or_a_missing_name(server: tuple[str, Path], tmp_p
         _ = UCRArchive(str(data_dir), "Junk", url=base + "/{name}.zip").dims
     with pytest.raises(DataError, match=r"unknown data set 'Nope'.*present in .*: none; and the download failed"):
         _ = UCRArchive(str(data_dir), "Nope", url=base + "/{name}.zip").dims
+
+
+def test_download_into_an_unwritable_folder(server: tuple[str, Path], tmp_path: Path) -> None:
+    base, _ = server
+    (tmp_path / "a_file").write_text("")
+    data_dir = tmp_path / "a_file" / "archive"  # cannot be created
+    with pytest.raises(DataError, match=r"unknown data set 'Foo'.*: none; and .*archive is not writable"):
+        _ = UCRArchive(str(data_dir), "Foo", url=base + "/{name}.zip").dims

@@ -296,7 +296,12 @@ class UCRArchive(L.LightningDataModule):
             raise DataError(f"unknown data set {self.name!r}: {where} (downloading is off: url=None)")
         url = self.url.format(name=self.name)
         dest = self.data_dir / self.name
-        with tempfile.TemporaryDirectory(dir=self.data_dir if self.data_dir.is_dir() else None) as tmp:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            workdir = tempfile.TemporaryDirectory(dir=self.data_dir)  # same file system: the final moves are atomic
+        except OSError as e:
+            raise DataError(f"unknown data set {self.name!r}: {where}; and {self.data_dir} is not writable: {e}") from e
+        with workdir as tmp:
             archive = Path(tmp) / f"{self.name}.zip"
             try:
                 download(url, archive)
