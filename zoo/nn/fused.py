@@ -164,6 +164,10 @@ class StepNorm:
             self.db = db if self.db is None else self.db.add_(db)
         return dz
 
+    def zero_grads(self) -> None:
+        """Start a backward pass: forget the gain and shift gradients of an earlier one."""
+        self.dw = self.db = None
+
     def param_grads(self) -> tuple[Tensor | None, Tensor | None]:
         """The gradients of the gain and shift accumulated by `backward`."""
         return self.dw, self.db
@@ -285,8 +289,10 @@ class FusedLSTM(torch.autograd.Function):
         if dcn is not None:
             dc_all.index_add_(0, last, dcn)
         lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
+        norm_h.zero_grads()
+        norm_c.zero_grads()
         du = torch.empty_like(s)  # gradient of the gate pre-activations, which is that of u
-        dz = du if z is None else z  # step t's gradient overwrites step t's input, no longer needed
+        dz = du if z is None else torch.empty_like(z)  # not z itself: a retained graph backpropagates again
         dh0, dc0 = torch.zeros_like(h0), torch.zeros_like(c0)
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
@@ -370,7 +376,9 @@ class FusedGRU(torch.autograd.Function):
         lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
         du = rz.new_empty(rz.shape[0], 3 * hidden)
         dyn = torch.empty_like(yn)
-        da = a_all  # step t's gradient overwrites step t's input, no longer needed
+        norm_rz.zero_grads()
+        norm_n.zero_grads()
+        da = torch.empty_like(a_all)  # not a_all itself: a retained graph backpropagates again
         dh0 = torch.zeros_like(h0)
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
@@ -385,9 +393,9 @@ class FusedGRU(torch.autograd.Function):
             rzd = dut[:, : 2 * hidden]
             rzd.mul_(torch.addcmul(rzt, rzt, rzt, value=-1))  # σ'
             dynt = torch.mul(dn, r, out=dyn[rows])
-            dat = da[rows]
-            dat[:, : 2 * hidden] = norm_rz.backward(rzd, dat[:, : 2 * hidden], t)
-            dat[:, 2 * hidden :] = norm_n.backward(dynt, dat[:, 2 * hidden :], t)
+            at, dat = a_all[rows], da[rows]
+            dat[:, : 2 * hidden] = norm_rz.backward(rzd, at[:, : 2 * hidden], t)
+            dat[:, 2 * hidden :] = norm_n.backward(dynt, at[:, 2 * hidden :], t)
             dhp = torch.mul(dh, z)
             if t == 0:
                 dh0[:bs] = lin_t.add(dat, dhp)
