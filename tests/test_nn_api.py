@@ -59,6 +59,20 @@ def test_two_training_forwards_then_one_backward(variant: str, fused: bool) -> N
     assert all(p.grad is not None for p in rnn.parameters())
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
+def test_backward_twice_through_a_retained_graph(variant: str, fused: bool) -> None:
+    """``retain_graph=True`` then a second backward: the same gradients again (backward keeps what it saved)."""
+    rnn = build(variant, fused).train()
+    x = torch.randn(B, T, IN, requires_grad=True)
+    out, state = rnn(x, lengths=LENGTHS)
+    loss = (out * torch.randn_like(out)).sum() + as_tuple(state)[0].sum()
+    first = torch.autograd.grad(loss, [x, *rnn.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *rnn.parameters()])
+    names = ["input"] + [n for n, _ in rnn.named_parameters()]
+    for name, g1, g2 in zip(names, first, second, strict=True):
+        torch.testing.assert_close(g2, g1, rtol=0, atol=0, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
 def test_state_dict_round_trip(variant: str) -> None:
     """Parameters and buffers (the running statistics) travel through a saved state dict into a fresh module."""
     rnn = build(variant, max_steps=T) if "max_steps" in zoo.nn.get_variant(variant).options else build(variant)
