@@ -26,7 +26,7 @@ def as_tuple(state: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
 
 def test_the_ten_variants_are_registered() -> None:
     expected = {"lstm", "gru", "bn_lstm", "seqbn_lstm", "ln_lstm", "ln_gru", "rms_lstm", "rms_gru", "wn_lstm"}
-    assert set(VARIANTS) == expected | {"bn_indrnn"}
+    assert expected | {"bn_indrnn"} <= set(VARIANTS)
     for v in zoo.nn.list_variants():
         assert zoo.nn.get_variant(v.name) is v and v.description and v.paper
 
