@@ -22,11 +22,14 @@ VARIANTS = [v.name for v in zoo.nn.list_variants()]
 CASES = [(v, {}) for v in VARIANTS] + [("bn_indrnn", {"bn_placement": "output"})]
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=[v + "-" + "-".join(o.values()) for v, o in CASES])
-def test_fused_equals_step_by_step(variant: str, options: dict, training: bool, lengths: bool) -> None:
-    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, fused=True, **options).double()
+def test_fused_equals_step_by_step(variant: str, options: dict, training: bool, lengths: bool, bias: bool) -> None:
+    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, bias=bias, fused=True, **options).double()
+    if not bias:  # only the normalizations' own shifts remain
+        assert all(".bias" not in n or n.split(".")[-2].startswith(("ln", "bn")) for n, _ in fused.named_parameters())
     with torch.no_grad():
         for p in fused.parameters():
             p.add_(0.3 * torch.randn_like(p))
