@@ -90,3 +90,15 @@ def test_each_sequence_as_if_alone(variant: str, options: dict, training: bool, 
         torch.testing.assert_close(out[b, :n], alone[0])
         for f, fa in zip(states(final), states(alone_final), strict=True):
             torch.testing.assert_close(f[:, b], fa[:, 0])
+
+
+def test_mask_and_reversal_helpers() -> None:
+    """`lengths_to_mask` marks t < length; `reverse_padded` reverses each valid prefix and leaves padding in place."""
+    lengths = torch.tensor([3, 1, 2])
+    mask = zoo.nn.lengths_to_mask(lengths, 4)
+    assert torch.equal(mask, torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool))
+    x = torch.arange(12.0).view(4, 3, 1)  # x[t, b] = 3 t + b
+    expected = torch.tensor([[6.0, 1, 5], [3, 4, 2], [0, 7, 8], [9, 10, 11]]).view(4, 3, 1)
+    assert torch.equal(zoo.nn.reverse_padded(x, lengths), expected)
+    assert torch.equal(zoo.nn.reverse_padded(zoo.nn.reverse_padded(x, lengths), lengths), x)
+    assert torch.equal(zoo.nn.reverse_padded(x, None), x.flip(0))
