@@ -1,4 +1,4 @@
-"""Shared fixtures: a fixed seed for every test and the list of `zoo.nn` variants."""
+"""Shared fixtures: a fixed seed for every test, each `zoo.nn` variant, one thread for the `zoo.nn` tests."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def variant(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(autouse=True)
 def _one_thread_for_nn_tests(request: pytest.FixtureRequest):
     """The `zoo.nn` tests use tiny tensors: one intra-op thread avoids thread hand-offs on a busy 2-core machine."""
-    if not request.node.module.__name__.startswith("test_nn_"):
+    if not request.node.path.name.startswith("test_nn_"):
         yield
         return
     threads = torch.get_num_threads()
