@@ -209,6 +209,46 @@ class Layout:
         return torch.cat(parts)
 
 
+class OuterSum:
+    """Σ_t dz_t^T h_{t-1} over a backward pass (the gradient of W_h), in chunks of about ``rows`` packed rows.
+
+    `slot` hands out, step by step in reverse time, the place where dz_t is to be written; each full chunk becomes one
+    large GEMM. The memory is one chunk, not a tensor of all steps.
+    """
+
+    def __init__(self, layout: Layout, h0: Tensor, h: Tensor, features: int, rows: int = 1024) -> None:
+        self.layout, self.h0, self.h = layout, h0, h
+        self.cap = min(max(rows, layout.batch_sizes[0]), layout.rows)
+        self.buf = h.new_empty(self.cap, features)
+        self.grad = h.new_zeros(features, h.shape[1])
+        self.steps: list[int] = []  # the steps in the chunk, in reverse time
+        self.hi = 0  # the packed row where the chunk ends
+
+    def slot(self, t: int) -> Tensor:
+        rows = self.layout.at(t)
+        if self.steps and self.hi - rows.start > self.cap:
+            self._flush()
+        if not self.steps:
+            self.hi = rows.stop
+        self.steps.append(t)
+        lo = self.cap - (self.hi - rows.start)
+        return self.buf[lo : lo + rows.stop - rows.start]
+
+    def _flush(self) -> None:
+        lo = self.cap - (self.hi - self.layout.offsets[self.steps[-1]])
+        prev = [
+            self.h0[: self.layout.batch_sizes[0]] if t == 0 else self.h[self.layout.prev(t)]
+            for t in reversed(self.steps)
+        ]
+        self.grad.addmm_(self.buf[lo:].t(), torch.cat(prev))
+        self.steps = []
+
+    def result(self) -> Tensor:
+        if self.steps:
+            self._flush()
+        return self.grad
+
+
 def run_packed(recurrence, u: Tensor, state: tuple[Tensor, ...], mask: Tensor | None):
     """Run ``recurrence(u_packed, state_sorted, layout) -> (out_packed, final_sorted)`` on a padded ``(T, B, G)`` ``u``.
 
@@ -281,31 +321,26 @@ class FusedLSTM(torch.autograd.Function):
     def backward(ctx, dout, dhn, dcn):
         h0, c0, w_hh, s, h, c, sc, z = ctx.saved_tensors
         layout, norm_h, norm_c = ctx.layout, ctx.norm_h, ctx.norm_c
-        last = layout.last_rows(s.device)
-        dh_all = dout.clone() if dout is not None else torch.zeros_like(h)
-        dc_all = torch.zeros_like(c)
-        if dhn is not None:
-            dh_all.index_add_(0, last, dhn)
-        if dcn is not None:
-            dc_all.index_add_(0, last, dcn)
+        # The carries hold the gradient of the state at the current step, for every sequence: from the step after it,
+        # or, for a sequence that ends here, the gradient of its final state.
+        dh_carry = dhn.clone() if dhn is not None else torch.zeros_like(h0)
+        dc_carry = dcn.clone() if dcn is not None else torch.zeros_like(c0)
         lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
         norm_h.zero_grads()
         norm_c.zero_grads()
         du = torch.empty_like(s)  # gradient of the gate pre-activations, which is that of u
-        dz = du if z is None else torch.empty_like(z)  # not z itself: a retained graph backpropagates again
-        dh0, dc0 = torch.zeros_like(h0), torch.zeros_like(c0)
+        dw_hh = None if z is None else OuterSum(layout, h0, h, z.shape[1])
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
             st, sct = s[rows], sc[rows]
             i, f, g, o = st.chunk(4, dim=1)
-            cp = c0[:bs] if t == 0 else c[layout.prev(t)]
-            dh = dh_all[rows]
+            cp = c0 if t == 0 else c[layout.prev(t)]
+            dh = dh_carry[:bs] if dout is None else dh_carry[:bs].add_(dout[rows])
             dst = du[rows]
             di, df, dg, do = dst.chunk(4, dim=1)
             torch.mul(sct, 2, out=do).sub_(1).mul_(dh)  # dh ⊙ tanh(N_c(c_t))
             dn = torch.addcmul(sct, sct, sct, value=-1).mul_(o).mul_(dh).mul_(4)  # through tanh: 4σ'(2x)
-            dn = norm_c.backward(dn, c[rows], t)
-            dc = dn.add_(dc_all[rows])
+            dc = norm_c.backward(dn, c[rows], t).add_(dc_carry[:bs])
             torch.mul(dc, g, out=di).mul_(2).sub_(dc)  # dc ⊙ tanh(g)
             torch.mul(dc, cp, out=df)
             torch.mul(dc, i, out=dg).mul_(4)
@@ -313,16 +348,12 @@ class FusedLSTM(torch.autograd.Function):
             if z is None:
                 dzt = dst
             else:
-                dzt = norm_h.backward(dst, z[rows], t)
-                dz[rows] = dzt
-            if t == 0:
-                dh0[:bs] = lin_t(dzt)
-                dc0[:bs] = dc * f
-            else:
-                prev = layout.prev(t)
-                dh_all[prev] = lin_t.add(dzt, dh_all[prev])
-                dc_all[prev].addcmul_(dc, f)
-        dw_hh = dz.t().mm(layout.previous(h0, h))
+                dzt = dw_hh.slot(t)
+                dzt.copy_(norm_h.backward(dst, z[rows], t))
+            dh_carry[:bs] = lin_t(dzt)
+            torch.mul(dc, f, out=dc_carry[:bs])
+        dh0, dc0 = dh_carry, dc_carry
+        dw_hh = du.t().mm(layout.previous(h0, h)) if z is None else dw_hh.result()
         return _grads(ctx, du, dh0, dc0, dw_hh, *norm_h.param_grads(), *norm_c.param_grads())
 
 
@@ -370,20 +401,18 @@ class FusedGRU(torch.autograd.Function):
         h0, w_hh, rz, yn, nn_, h, a_all = ctx.saved_tensors
         layout, norm_rz, norm_n = ctx.layout, ctx.norm_rz, ctx.norm_n
         hidden = h0.shape[1]
-        dh_all = dout.clone() if dout is not None else torch.zeros_like(h)
-        if dhn is not None:
-            dh_all.index_add_(0, layout.last_rows(h.device), dhn)
+        dh_carry = dhn.clone() if dhn is not None else torch.zeros_like(h0)  # as in FusedLSTM.backward
         lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
         du = rz.new_empty(rz.shape[0], 3 * hidden)
         dyn = torch.empty_like(yn)
         norm_rz.zero_grads()
         norm_n.zero_grads()
-        da = torch.empty_like(a_all)  # not a_all itself: a retained graph backpropagates again
-        dh0 = torch.zeros_like(h0)
+        dw_hh = OuterSum(layout, h0, h, a_all.shape[1])
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
-            hp = h0[:bs] if t == 0 else h[layout.prev(t)]
-            rzt, nt, ynt, dh = rz[rows], nn_[rows], yn[rows], dh_all[rows]
+            hp = h0 if t == 0 else h[layout.prev(t)]
+            rzt, nt, ynt = rz[rows], nn_[rows], yn[rows]
+            dh = dh_carry[:bs] if dout is None else dh_carry[:bs].add_(dout[rows])
             r, z = rzt[:, :hidden], rzt[:, hidden:]
             dut = du[rows]
             dr, dz, dn = dut[:, :hidden], dut[:, hidden : 2 * hidden], dut[:, 2 * hidden :]
@@ -393,17 +422,12 @@ class FusedGRU(torch.autograd.Function):
             rzd = dut[:, : 2 * hidden]
             rzd.mul_(torch.addcmul(rzt, rzt, rzt, value=-1))  # σ'
             dynt = torch.mul(dn, r, out=dyn[rows])
-            at, dat = a_all[rows], da[rows]
+            at, dat = a_all[rows], dw_hh.slot(t)
             dat[:, : 2 * hidden] = norm_rz.backward(rzd, at[:, : 2 * hidden], t)
             dat[:, 2 * hidden :] = norm_n.backward(dynt, at[:, 2 * hidden :], t)
-            dhp = torch.mul(dh, z)
-            if t == 0:
-                dh0[:bs] = lin_t.add(dat, dhp)
-            else:
-                prev = layout.prev(t)
-                dh_all[prev] = lin_t.add(dat, dh_all[prev] + dhp)
-        dw_hh = da.t().mm(layout.previous(h0, h))
-        return _grads(ctx, du, dh0, dw_hh, dyn.sum(0), *norm_rz.param_grads(), *norm_n.param_grads())
+            dh_carry[:bs] = lin_t.add(dat, dh * z)
+        dh0 = dh_carry
+        return _grads(ctx, du, dh0, dw_hh.result(), dyn.sum(0), *norm_rz.param_grads(), *norm_n.param_grads())
 
 
 class FusedIndRNN(torch.autograd.Function):
@@ -423,18 +447,14 @@ class FusedIndRNN(torch.autograd.Function):
     def backward(ctx, dout, dhn):
         h0, w, h = ctx.saved_tensors
         layout = ctx.layout
-        dh_all = dout.clone() if dout is not None else torch.zeros_like(h)
-        if dhn is not None:
-            dh_all.index_add_(0, layout.last_rows(h.device), dhn)
+        dh_carry = dhn.clone() if dhn is not None else torch.zeros_like(h0)  # as in FusedLSTM.backward
         du = torch.empty_like(h)
-        dh0 = torch.zeros_like(h0)
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
+            dh = dh_carry[:bs] if dout is None else dh_carry[:bs].add_(dout[rows])
             dpre = du[rows]
-            dpre.copy_(aten.threshold_backward(dh_all[rows], h[rows], 0))
-            if t == 0:
-                dh0[:bs] = dpre * w
-            else:
-                dh_all[layout.prev(t)].addcmul_(dpre, w)
+            dpre.copy_(aten.threshold_backward(dh, h[rows], 0))
+            torch.mul(dpre, w, out=dh_carry[:bs])
+        dh0 = dh_carry
         dw = (du * layout.previous(h0, h)).sum(0)
         return _grads(ctx, du, dh0, dw)
