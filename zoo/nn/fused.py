@@ -296,21 +296,23 @@ class FusedLSTM(torch.autograd.Function):
         norm_c.start(steps, u)
         gscale = candidate_scale(hidden, u)  # doubles the candidate block: one sigmoid gives tanh(g) = 2σ(2g) − 1
         lin = Linear(w_hh * gscale.unsqueeze(1) if norm_h.kind == "none" else w_hh, layout.batch_sizes[0])
-        s = torch.empty_like(u)  # σ of the pre-activations (the candidate block: σ(2g))
+        train = any(ctx.needs_input_grad)  # else inference: keep only what the next step reads
         h, c = u.new_empty(n, hidden), u.new_empty(n, hidden)
-        sc = u.new_empty(n, hidden)  # σ(2 N_c(c_t)), so that tanh(N_c(c_t)) = 2 sc − 1
-        z = None if norm_h.kind == "none" else torch.empty_like(u)  # W_h h_{t-1}; its gradient in backward
+        s = torch.empty_like(u) if train else None  # σ of the pre-activations (the candidate block: σ(2g))
+        sc = u.new_empty(n, hidden) if train else None  # σ(2 N_c(c_t)), so that tanh(N_c(c_t)) = 2 sc − 1
+        z = torch.empty_like(u) if train and norm_h.kind != "none" else None  # W_h h_{t-1}, for backward
         for t in range(steps):
             rows = layout.at(t)
             hp, cp = (h0, c0) if t == 0 else (h[layout.prev(t)], c[layout.prev(t)])
             zt = lin(hp)
             if z is not None:
                 z[rows] = zt
+            if norm_h.kind != "none":
                 zt = norm_h.forward(zt, t)
-            st = torch.addcmul(zt, u[rows], gscale, out=s[rows]).sigmoid_()
+            st = torch.addcmul(zt, u[rows], gscale, out=None if s is None else s[rows]).sigmoid_()
             i, f, g, o = st.chunk(4, dim=1)
             ct = torch.mul(i, g, out=c[rows]).mul_(2).sub_(i).addcmul_(f, cp)  # f ⊙ c_{t-1} + i ⊙ tanh(g)
-            sct = torch.sigmoid(norm_c.forward(ct, t), out=sc[rows])
+            sct = torch.sigmoid(norm_c.forward(ct, t), out=None if sc is None else sc[rows])
             torch.mul(o, sct, out=h[rows]).mul_(2).sub_(o)  # o ⊙ tanh(N_c(c_t))
         last = layout.last_rows(u.device)
         ctx.save_for_backward(h0, c0, w_hh, s, h, c, sc, z)
@@ -321,6 +323,7 @@ class FusedLSTM(torch.autograd.Function):
     def backward(ctx, dout, dhn, dcn):
         h0, c0, w_hh, s, h, c, sc, z = ctx.saved_tensors
         layout, norm_h, norm_c = ctx.layout, ctx.norm_h, ctx.norm_c
+        none_h = norm_h.kind == "none"
         # The carries hold the gradient of the state at the current step, for every sequence: from the step after it,
         # or, for a sequence that ends here, the gradient of its final state.
         dh_carry = dhn.clone() if dhn is not None else torch.zeros_like(h0)
@@ -329,7 +332,7 @@ class FusedLSTM(torch.autograd.Function):
         norm_h.zero_grads()
         norm_c.zero_grads()
         du = torch.empty_like(s)  # gradient of the gate pre-activations, which is that of u
-        dw_hh = None if z is None else OuterSum(layout, h0, h, z.shape[1])
+        dw_hh = None if none_h else OuterSum(layout, h0, h, z.shape[1])
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
             st, sct = s[rows], sc[rows]
@@ -345,7 +348,7 @@ class FusedLSTM(torch.autograd.Function):
             torch.mul(dc, cp, out=df)
             torch.mul(dc, i, out=dg).mul_(4)
             dst.mul_(torch.addcmul(st, st, st, value=-1))  # σ'; the candidate block: tanh' = 4σ'(2g)
-            if z is None:
+            if none_h:
                 dzt = dst
             else:
                 dzt = dw_hh.slot(t)
@@ -353,7 +356,7 @@ class FusedLSTM(torch.autograd.Function):
             dh_carry[:bs] = lin_t(dzt)
             torch.mul(dc, f, out=dc_carry[:bs])
         dh0, dc0 = dh_carry, dc_carry
-        dw_hh = du.t().mm(layout.previous(h0, h)) if z is None else dw_hh.result()
+        dw_hh = du.t().mm(layout.previous(h0, h)) if none_h else dw_hh.result()
         return _grads(ctx, du, dh0, dc0, dw_hh, *norm_h.param_grads(), *norm_c.param_grads())
 
 
