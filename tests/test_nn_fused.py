@@ -59,14 +59,32 @@ def test_fused_equals_step_by_step(variant: str, options: dict, training: bool, 
     torch.testing.assert_close(buffers, ref_buffers, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fused_float32_matches_step_by_step(variant: str) -> None:
-    """In float32 too (the fused path computes tanh through a sigmoid): outputs agree to float32 precision."""
+def test_fused_float32_matches_float64(variant: str, training: bool) -> None:
+    """In float32 (oneDNN's prepacked GEMM, tanh through a sigmoid) the fused path stays at float32 precision.
+
+    The yardstick is the float64 step-by-step result; every gradient tensor within 5e-4 of its norm (float32 results of
+    either engine are about 1e-7 to 7e-5 off at these sizes).
+    """
     fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True)
-    steps = copy.deepcopy(fused)
-    steps.fused = False
+    fused.train()(torch.randn(T, B, IN), lengths=LENGTHS)
+    exact = copy.deepcopy(fused).double()
+    exact.fused = False
     x = torch.randn(T, B, IN)
-    out, final = fused(x, lengths=LENGTHS)
-    ref_out, ref_final = steps(x, lengths=LENGTHS)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(final, ref_final, rtol=1e-5, atol=1e-5)
+    proj = torch.randn(T, B, 2 * H)
+    results = []
+    for rnn in (fused, exact):
+        rnn.train(training)
+        xr = x.to(rnn.cells[0].weight_ih.dtype).requires_grad_()
+        out, final = rnn(xr, lengths=LENGTHS)
+        final = final if isinstance(final, tuple) else (final,)
+        loss = (out * proj.to(out.dtype)).sum() + sum(f.sum() for f in final)
+        grads = torch.autograd.grad(loss, [xr, *rnn.parameters()])
+        results.append((out.double(), [f.double() for f in final], [g.double() for g in grads]))
+    (out, final, grads), (ref_out, ref_final, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(final, ref_final, rtol=0, atol=1e-5)
+    names = ["input"] + [n for n, _ in fused.named_parameters()]
+    for name, g, rg in zip(names, grads, ref_grads, strict=True):
+        assert (g - rg).norm() <= 5e-4 * rg.norm() + 1e-7, name
