@@ -13,7 +13,7 @@ import torch
 import zoo.nn
 
 B, T, IN, H = 3, 4, 3, 2
-LENGTHS = torch.tensor([4, 2, 3])
+LENGTHS = torch.tensor([4, 1, 3])  # a sequence of one step; one valid sample at the last step
 
 VARIANTS = [v.name for v in zoo.nn.list_variants()]
 CASES = [(v, {}) for v in VARIANTS] + [("bn_indrnn", {"bn_placement": "output"})]
