@@ -8,6 +8,7 @@ bidirectional).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -88,3 +89,25 @@ def test_fused_float32_matches_float64(variant: str, training: bool) -> None:
     names = ["input"] + [n for n, _ in fused.named_parameters()]
     for name, g, rg in zip(names, grads, ref_grads, strict=True):
         assert (g - rg).norm() <= 5e-4 * rg.norm() + 1e-7, name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("variant", "options"), CASES, ids=[v + "-" + "-".join(o.values()) for v, o in CASES])
+def test_fused_without_gradients_equals_step_by_step(variant: str, options: dict, training: bool) -> None:
+    """Under `torch.no_grad` (and with frozen parameters) the fused path's inference mode gives the same results."""
+    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, **options).double()
+    fused.train()(torch.randn(T, B, IN, dtype=torch.float64), lengths=LENGTHS)
+    steps = copy.deepcopy(fused)
+    steps.fused = False
+    frozen = copy.deepcopy(fused).requires_grad_(False)
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    state = tuple(torch.randn(4, B, H, dtype=torch.float64) for _ in range(fused.state_size))
+    state = state if len(state) == 2 else state[0]
+    results = []
+    for rnn in (fused, frozen, steps):
+        rnn.train(training)
+        with torch.no_grad() if rnn is not frozen else contextlib.nullcontext():
+            out, final = rnn(x, state, lengths=LENGTHS)
+        results.append((out, final, [b.clone() for b in rnn.buffers()]))
+    for result in results[:2]:
+        torch.testing.assert_close(result, results[2], rtol=1e-9, atol=1e-10)
