@@ -307,7 +307,7 @@ def torch_twin(rnn: zoo.nn.RNN) -> torch.nn.RNNBase:
 
 
 @pytest.mark.parametrize("mode", ["full", "lengths", "packed"])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
 @pytest.mark.parametrize("variant", ["lstm", "gru"])
 def test_lstm_gru_equal_torch(variant: str, fused: bool, mode: str) -> None:
     rnn = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, batch_first=True, fused=fused).to(DT)
@@ -360,9 +360,10 @@ def test_lstm_gru_equal_torch(variant: str, fused: bool, mode: str) -> None:
         ("ln_gru", ln_gru_direction(layer_norm)),
         ("rms_gru", ln_gru_direction(rms_norm)),
     ],
+    ids=["ln_lstm", "rms_lstm", "ln_gru", "rms_gru"],
 )
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
 def test_layer_and_rms_norm_variants(variant: str, direction: Direction, with_state: bool, fused: bool) -> None:
     rnn = make(variant, fused)
     state = random_state(rnn.state_size) if with_state else None
@@ -370,7 +371,7 @@ def test_layer_and_rms_norm_variants(variant: str, direction: Direction, with_st
     check(rnn.eval(), direction, state)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
 def test_wn_lstm_is_an_lstm_with_normalized_rows(fused: bool) -> None:
     """w = g v / ‖v‖ row by row, then a plain LSTM; the gradients with respect to g and v follow."""
     rnn = make("wn_lstm", fused)
@@ -411,7 +412,7 @@ def test_wn_lstm_is_an_lstm_with_normalized_rows(fused: bool) -> None:
 # ---------------------------------------------------------------------------------------------- batch-norm variants
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
 def test_bn_lstm_train_uses_per_step_batch_stats_and_updates_running_stats(fused: bool) -> None:
     rnn = make("bn_lstm", fused, max_steps=T, momentum=MOMENTUM, eps=EPS).train()
     stats = check(rnn, bn_lstm_direction(training=True), random_state(2))
@@ -421,7 +422,7 @@ def test_bn_lstm_train_uses_per_step_batch_stats_and_updates_running_stats(fused
         assert cell.bn_c.running_var.shape == (T, H)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
 def test_bn_lstm_eval_uses_running_stats(fused: bool) -> None:
     rnn = make("bn_lstm", fused, max_steps=T, momentum=MOMENTUM, eps=EPS).train()
     rnn(torch.randn(B, T, IN, dtype=DT), lengths=LENGTHS)  # running statistics away from (0, 1)
@@ -429,7 +430,7 @@ def test_bn_lstm_eval_uses_running_stats(fused: bool) -> None:
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
 def test_bn_lstm_past_max_steps(training: bool, fused: bool) -> None:
     """Eval reuses row max_steps - 1 for every later step; training updates no row past max_steps."""
     max_steps = 3
@@ -441,7 +442,7 @@ def test_bn_lstm_past_max_steps(training: bool, fused: bool) -> None:
         check_running_stats(rnn, stats)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
 def test_seqbn_lstm(fused: bool) -> None:
     rnn = make("seqbn_lstm", fused, momentum=MOMENTUM, eps=EPS).train()
     assert rnn.cells[0].bn_ih.running_mean.shape == (1, 4 * H)  # one set of statistics over batch x time
@@ -450,7 +451,7 @@ def test_seqbn_lstm(fused: bool) -> None:
 
 
 @pytest.mark.parametrize("placement", ["input", "output"])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "steps"])
 def test_bn_indrnn(placement: str, fused: bool) -> None:
     rnn = make("bn_indrnn", fused, bn_placement=placement, momentum=MOMENTUM, eps=EPS).train()
     u_max = 2.0 ** (1 / 1000)  # the default magnitude 2 and max_steps 1000: MAG^(1/T)
