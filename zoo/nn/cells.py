@@ -382,11 +382,14 @@ class GRUCell(RecurrentCell):
 
 
 class LNGRUCell(GRUCell):
-    """Layer-normalized GRU (Ba et al. 2016, supplementary; the official code's four LNs).
+    """Layer-normalized GRU (Ba et al. 2016, supplementary; the LN positions of the official code).
 
     r, z = σ(LN(W_x^{rz} x_t) + LN(W_h^{rz} h_{t-1}) + b^{rz});
     n = tanh(LN(W_x^n x_t) + b_x^n + r ⊙ (LN(W_h^n h_{t-1}) + b_h^n));  h_t = (1 − z) ⊙ n + z ⊙ h_{t-1}.
     The recurrent candidate term is normalized before the reset gate multiplies it. Gains start at 1, shifts at 0.
+    The LNs sit where the official code (ryankiros/layer-norm) puts them; the biases b are `torch.nn.GRU`'s b_ih, b_hh,
+    added after the normalization (the official code adds its input biases before it, where the LN shift absorbs them,
+    and has no recurrent bias).
     """
 
     native = None

@@ -86,7 +86,7 @@ for _args in [
     ("ln_lstm", "layer norm of W_x x, W_h h and c_t", _BA, LNLSTMCell),
     (
         "ln_gru",
-        "layer-normalized GRU (four LNs, the official code's form)",
+        "layer-normalized GRU (four LNs, in the official code's positions)",
         "Ba et al. 2016, arXiv:1607.06450",
         LNGRUCell,
     ),
