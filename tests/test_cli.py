@@ -1,0 +1,131 @@
+"""`train.py` end to end on real data (tiny models, few steps): fit writes checkpoints and the resolved config with its
+seed, tests the best checkpoint and prints it; validate and test read a checkpoint back; configs compose."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from zoo.cli import ZooCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+
+SMALL = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.num_sanity_val_steps=0",
+]
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_fit_tests_the_best_checkpoint_then_validate_and_test_read_it(tmp_path: Path) -> None:
+    fit = _run(
+        tmp_path,
+        "fit",
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        f"--data.data_dir={DATA / 'digits'}",
+        "--model.hidden_size=8",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+        "--seed_everything=true",
+        "--trainer.log_every_n_steps=1",
+        *SMALL,
+    )
+    run = tmp_path / "runs" / "quickstart"
+    best = next(line for line in fit.stdout.splitlines() if line.startswith("checkpoint: "))[len("checkpoint: ") :]
+    assert Path(best).parent == run / "checkpoints" and Path(best).is_file()
+    accuracy = float(next(line for line in fit.stdout.splitlines() if line.startswith("test accuracy: ")).split()[-1])
+    assert 0.0 <= accuracy <= 1.0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+    checkpoint = torch.load(best, weights_only=True)  # plain types only
+    assert checkpoint["hyper_parameters"]["dims"] == {"input_size": 1, "num_classes": 10, "max_steps": 64}
+    assert checkpoint["hyper_parameters"]["variant"] == "ln_lstm"
+    # the best on val/acc (max) over the two validations
+    scores = [c["best_model_score"] for k, c in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    with open(run / "version_0" / "metrics.csv") as f:
+        val_acc = [float(row["val/acc"]) for row in csv.DictReader(f) if row["val/acc"]]
+    assert len(val_acc) == 2 and scores and float(scores[0]) == max(val_acc)
+
+    config = yaml.safe_load((run / "version_0" / "config.yaml").read_text())
+    assert isinstance(config["seed_everything"], int) and config["seed_everything"] is not True  # the seed drawn
+    metrics = (run / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss_step", "val/acc", "val/loss", "lr-Adam"} <= set(metrics)
+
+    for subcommand in ("validate", "test"):
+        out = _run(
+            tmp_path,
+            subcommand,
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            f"--data.data_dir={DATA / 'digits'}",
+            f"--ckpt_path={best}",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2",
+            *SMALL,
+        )
+        split = "val" if subcommand == "validate" else "test"
+        assert f"{split}/acc" in out.stdout
+    # the hidden size came from the checkpoint, not from the config (64), or the weights would not have loaded
+    assert "hidden_size: 8" in (run / "version_2" / "config.yaml").read_text()
+
+
+def test_ptb_char_fit_writes_a_checkpoint_and_test_reports_bpc(tmp_path: Path) -> None:
+    args = ["--config", str(ROOT / "configs/ptb_char/bn_lstm.yaml"), f"--data.data_dir={DATA / 'ptb'}"]
+    small = ["--model.hidden_size=16", "--data.batch_size=4", "--data.bptt=10", "--trainer.limit_val_batches=2"]
+    _run(tmp_path, "fit", *args, *small, "--trainer.max_steps=3", "--trainer.val_check_interval=3", *SMALL)
+    last = tmp_path / "runs" / "ptb_char" / "bn_lstm" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 3 and checkpoint["hyper_parameters"]["dims"]["max_steps"] == 10
+    assert len(checkpoint["vocab"]) == checkpoint["hyper_parameters"]["dims"]["vocab_size"] == 50
+    out = _run(tmp_path, "test", *args, *small, f"--ckpt_path={last}", "--trainer.limit_test_batches=2", *SMALL)
+    assert "test/bpc" in out.stdout and "test/ppl" in out.stdout
+
+
+def test_print_config_shows_composed_configs_and_the_linked_sizes_are_not_options(tmp_path: Path) -> None:
+    out = _run(
+        tmp_path,
+        "fit",
+        "--config",
+        str(ROOT / "configs/smnist/bn_lstm.yaml"),
+        "--config",
+        str(ROOT / "configs/logger/csv.yaml"),
+        "--trainer.max_epochs=7",
+        "--print_config",
+    )
+    config = yaml.safe_load(out.stdout)
+    assert config["model"]["init_args"]["variant"] == "bn_lstm"
+    assert config["optimizer"]["class_path"] == "torch.optim.RMSprop"
+    assert config["trainer"]["max_epochs"] == 7 and config["trainer"]["gradient_clip_val"] == 1.0
+    assert config["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+    assert "dims" not in config["model"]["init_args"]  # a link target: set by the data, not by configs
+
+
+def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path) -> None:
+    args = ["--trainer.default_root_dir", str(tmp_path), "--data.data_dir", str(DATA / "digits")]
+    cli = ZooCLI(args=["--config", str(ROOT / "configs/quickstart.yaml"), *args], run=False)
+    assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == ("val/acc", "max")
+    assert cli.trainer.checkpoint_callback.save_last is True
+    cli = ZooCLI(
+        args=["--config", str(ROOT / "configs/quickstart.yaml"), *args, "--checkpoint.monitor=val/loss"], run=False
+    )
+    assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == ("val/loss", "min")
