@@ -277,3 +277,17 @@ def test_month_split_needs_readable_dates(tmp_path: Path) -> None:
     path.write_text("OT\n1\n2\n")
     with pytest.raises(DataError, match=r"dates\.csv: a split in months or days needs a date column"):
         CSVForecasting(str(path), date_column=None, input_len=1, horizon=1).setup()
+
+
+def test_corrupt_bytes_and_a_bom(tmp_path: Path, csv_path: Path) -> None:
+    text = csv_path.read_bytes()
+    bad = tmp_path / "binary.csv"
+    bad.write_bytes(text[:500] + b"\xff\xfe\x00\x9c" + text[500:])
+    with pytest.raises(DataError, match=r"binary\.csv: not a UTF-8 text file .*the file is corrupt"):
+        make(bad).setup()
+    quote = write_csv(tmp_path / "quote.csv", synthetic_rows(2000), cells={(3, 0): '"5.0'})  # never closed
+    with pytest.raises(DataError, match=r"quote\.csv, line \d+: not a readable CSV row \(field larger than"):
+        make(quote).setup()
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text)
+    assert make(bom).dims["input_size"] == 7  # the first column is still 'date'

@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,19 @@ MissingPolicy = Literal["reject", "ffill", "interpolate"]
 SplitPart = int | float | str
 _MISSING_TOKENS = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None"}
 _DAYS = {"M": 30, "D": 1}
+
+
+@contextmanager
+def _open_csv(path: Path) -> Iterator[Iterator[list[str]]]:
+    """A `csv.reader` over ``path`` (UTF-8, a BOM allowed) whose decoding and format errors become `DataError`."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            yield reader
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a UTF-8 text file ({e}); the file is corrupt") from e
+        except csv.Error as e:
+            raise DataError(f"{path}, line {reader.line_num}: not a readable CSV row ({e})") from e
 
 
 class WindowDataset(Dataset):
@@ -163,8 +177,8 @@ class CSVForecasting(L.LightningDataModule):
         """The header, checked for the date, target and feature columns."""
         if self._header is None:
             self.prepare_data()
-            with open(self.path, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), None)
+            with _open_csv(self.path) as reader:
+                header = next(reader, None)
             if not header:
                 raise DataError(f"{self.path}: empty file, expected a header row")
             header = [h.strip() for h in header]
@@ -208,8 +222,7 @@ class CSVForecasting(L.LightningDataModule):
         date_idx = header.index(self.date_column) if self.date_column else None
         rows: list[list[float]] = []
         dates: list[str] = []
-        with open(self.path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
+        with _open_csv(self.path) as reader:
             next(reader)
             for row in reader:
                 line = reader.line_num
