@@ -85,6 +85,18 @@ def test_fit_tests_the_best_checkpoint_then_validate_and_test_read_it(tmp_path: 
         )
         split = "val" if subcommand == "validate" else "test"
         assert f"{split}/acc" in out.stdout
+    out = _run(
+        tmp_path,
+        "predict",
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        f"--data.data_dir={DATA / 'digits'}",
+        f"--ckpt_path={best}",
+        *SMALL[:2],
+    )
+    predictions = torch.load(run / "predictions.pt")  # one class id per test example (20% of the 1797)
+    assert f"predictions: {Path('runs') / 'quickstart' / 'predictions.pt'}" in out.stdout
+    assert predictions.shape == (359,) and predictions.dtype == torch.long and 0 <= predictions.min() <= 9
     # the hidden size came from the checkpoint, not from the config (64), or the weights would not have loaded
     assert "hidden_size: 8" in (run / "version_2" / "config.yaml").read_text()
 

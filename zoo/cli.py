@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
 from zoo.callbacks import ExactResume
@@ -57,6 +59,8 @@ class ZooCLI(LightningCLI):
     - ``checkpoint.*`` configures the ModelCheckpoint, which keeps the best checkpoint on the model's own validation
       metric (``monitor`` / ``monitor_mode`` of the model class: ``val/bpc`` min, ``val/acc`` max, ...) and the last.
     - `ExactResume` makes a resumed fit continue exactly; a LearningRateMonitor is added whenever there is a logger.
+    - ``predict`` saves the model's outputs to ``<root>/<name>/predictions.pt`` (on the test split when the
+      DataModule has no predict split).
     - ``--test_after_fit true`` tests the best checkpoint when fit ends and prints its path and the test metrics.
     - The optimizer defaults to Adam (lr 1e-3); ``optimizer:`` / ``lr_scheduler:`` in a config choose others.
     """
@@ -123,6 +127,19 @@ class ZooCLI(LightningCLI):
         if self.trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
 
+    def predict(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None, **kwargs: Any) -> None:
+        """Predict (on the test split when the DataModule has no predict split), save the outputs to
+        ``<root>/<name>/predictions.pt`` and print where."""
+        if datamodule is not None and not is_overridden("predict_dataloader", datamodule, L.LightningDataModule):
+            datamodule.predict_dataloader = datamodule.test_dataloader
+        outputs = self.trainer.predict(model, datamodule=datamodule, **kwargs)
+        cfg = self.config.predict
+        path = Path(cfg.trainer.default_root_dir or "runs") / cfg.name / "predictions.pt"
+        if self.trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(_tensor_outputs(outputs), path)
+            print(f"predictions: {path}")
+
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit:
             return
@@ -134,6 +151,13 @@ class ZooCLI(LightningCLI):
             for key, value in sorted(results[0].items() if results else []):
                 split, _, metric = key.partition("/")
                 print(f"{split} {METRIC_NAMES.get(metric, metric)}: {value:.4f}")
+
+
+def _tensor_outputs(outputs: list) -> Any:
+    """Concatenate a list of per-batch tensors (the usual `predict_step` output); other outputs stay a list."""
+    if outputs and all(isinstance(o, torch.Tensor) for o in outputs):
+        return torch.cat(outputs)
+    return outputs
 
 
 def main(args: list[str] | None = None) -> ZooCLI:
