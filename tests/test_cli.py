@@ -132,7 +132,8 @@ def test_print_config_shows_composed_configs_and_the_linked_sizes_are_not_option
     assert "dims" not in config["model"]["init_args"]  # a link target: set by the data, not by configs
 
 
-def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path) -> None:
+def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])
     args = ["--trainer.default_root_dir", str(tmp_path), "--data.data_dir", str(DATA / "digits")]
     cli = ZooCLI(args=["--config", str(ROOT / "configs/quickstart.yaml"), *args], run=False)
     assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == ("val/acc", "max")

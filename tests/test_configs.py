@@ -3,6 +3,7 @@ data; the paper configs hold the papers' settings; the shared per-task files are
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,10 @@ def _ptb_load_once(self: PennTreebank) -> tuple:
 
 @pytest.fixture(autouse=True)
 def _read_ptb_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Read each PTB level once for the whole module (the twenty PTB configs share two corpora)."""
+    """Read each PTB level once for the whole module (the twenty PTB configs share two corpora); hide pytest's own
+    command line from the CLI, which parses ``args``."""
     monkeypatch.setattr(PennTreebank, "load", _ptb_load_once)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])

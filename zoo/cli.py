@@ -31,7 +31,7 @@ class ZooSaveConfig(SaveConfigCallback):
     as the run's config and save it among the run's files."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        text = self.parser.dump(self.config, skip_none=False)
+        text = self.parser.dump(self.config)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams({"config": yaml.safe_load(text)})
