@@ -53,7 +53,7 @@ class ZooCLI(LightningCLI):
     - ``model`` is any `zoo.models.RecurrentModule` and ``data`` any LightningDataModule (subclass mode), chosen in the
       config by ``class_path``; the sizes that the data determine link into the model (``data.dims`` ->
       ``model.init_args.dims``).
-    - ``--name`` names the run (default: ``<datamodule>_<variant>``); checkpoints go to
+    - ``--name`` names the run (default: ``<datamodule>_<data name, if the DataModule has one>_<variant>``); checkpoints go to
       ``<trainer.default_root_dir>/<name>/checkpoints`` (default root ``runs``), so ``fit --ckpt_path last`` finds the
       run's last checkpoint, and the CSV logger writes ``<root>/<name>/version_<n>``.
     - ``checkpoint.*`` configures the ModelCheckpoint, which keeps the best checkpoint on the model's own validation
@@ -80,7 +80,7 @@ class ZooCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.dims", "model.init_args.dims", apply_on="instantiate")
-        parser.add_argument("--name", type=str | None, default=None, help="run name (default: <data>_<variant>)")
+        parser.add_argument("--name", type=str | None, default=None, help="run name (default: <datamodule>[_<data.name>]_<variant>)")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -99,7 +99,9 @@ class ZooCLI(LightningCLI):
         name = cfg.name
         if not name:
             data = cfg.get("data")
-            name = f"{_short(data.class_path).lower()}_{variant}" if data else variant
+            data_name = data.init_args.get("name") if data else None  # e.g. the UCR data set
+            parts = [_short(data.class_path).lower(), data_name, variant] if data else [variant]
+            name = "_".join(str(p) for p in parts if p)
         name = re.sub(r"[^\w.\-/]", "_", name)
         cfg.name = name
         root = Path(cfg.trainer.default_root_dir or "runs")
