@@ -53,8 +53,8 @@ class ZooCLI(LightningCLI):
     - ``model`` is any `zoo.models.RecurrentModule` and ``data`` any LightningDataModule (subclass mode), chosen in the
       config by ``class_path``; the sizes that the data determine link into the model (``data.dims`` ->
       ``model.init_args.dims``).
-    - ``--name`` names the run (default: ``<datamodule>_<data name, if the DataModule has one>_<variant>``); checkpoints go to
-      ``<trainer.default_root_dir>/<name>/checkpoints`` (default root ``runs``), so ``fit --ckpt_path last`` finds the
+    - ``--name`` names the run (default: ``<datamodule>[_<data.name>]_<variant>``, the data set's name where the
+      DataModule has one); checkpoints go to ``<trainer.default_root_dir>/<name>/checkpoints`` (default root ``runs``), so ``fit --ckpt_path last`` finds the
       run's last checkpoint, and the CSV logger writes ``<root>/<name>/version_<n>``.
     - ``checkpoint.*`` configures the ModelCheckpoint, which keeps the best checkpoint on the model's own validation
       metric (``monitor`` / ``monitor_mode`` of the model class: ``val/bpc`` min, ``val/acc`` max, ...) and the last.
@@ -80,7 +80,9 @@ class ZooCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.dims", "model.init_args.dims", apply_on="instantiate")
-        parser.add_argument("--name", type=str | None, default=None, help="run name (default: <datamodule>[_<data.name>]_<variant>)")
+        parser.add_argument(
+            "--name", type=str | None, default=None, help="run name (default: <datamodule>[_<data.name>]_<variant>)"
+        )
         parser.add_argument(
             "--test_after_fit",
             type=bool,
