@@ -54,8 +54,9 @@ class ZooCLI(LightningCLI):
       config by ``class_path``; the sizes that the data determine link into the model (``data.dims`` ->
       ``model.init_args.dims``).
     - ``--name`` names the run (default: ``<datamodule>[_<data.name>]_<variant>``, the data set's name where the
-      DataModule has one); checkpoints go to ``<trainer.default_root_dir>/<name>/checkpoints`` (default root ``runs``), so ``fit --ckpt_path last`` finds the
-      run's last checkpoint, and the CSV logger writes ``<root>/<name>/version_<n>``.
+      DataModule has one); checkpoints go to ``<trainer.default_root_dir>/<name>/checkpoints`` (default root
+      ``runs``), so ``fit --ckpt_path last`` finds the run's last checkpoint, and the CSV logger writes
+      ``<root>/<name>/version_<n>``.
     - ``checkpoint.*`` configures the ModelCheckpoint, which keeps the best checkpoint on the model's own validation
       metric (``monitor`` / ``monitor_mode`` of the model class: ``val/bpc`` min, ``val/acc`` max, ...) and the last.
     - `ExactResume` makes a resumed fit continue exactly; a LearningRateMonitor is added whenever there is a logger.
