@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from .fused import FusedGRU, FusedIndRNN, FusedLSTM, StepNorm, candidate_scale, run_packed
-from .norm import MaskedBatchNorm
+from .fused import FusedGRU, FusedIndRNN, FusedLSTM, StepNorm, candidate_scale, linear, run_packed
+from .norm import MaskedBatchNorm, RMSNorm
 
 State = tuple[Tensor, ...]
 
@@ -109,7 +109,7 @@ class LSTMCell(RecurrentCell):
         return ws if self.bias_ih is None else [*ws, self.bias_ih, self.bias_hh]
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return F.linear(x, self.weight_ih, self.bias_ih)
+        return linear(x, self.weight_ih, self.bias_ih)
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
         """The recurrent term of the gates."""
@@ -178,7 +178,7 @@ class _NormalizedLSTMCell(LSTMCell):
             self.bias.data[self.hidden_size : 2 * self.hidden_size] = self.forget_bias
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        u = self.norm_ih(F.linear(x, self.weight_ih), mask)
+        u = self.norm_ih(linear(x, self.weight_ih), mask)
         return u if self.bias is None else u + self.bias
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
@@ -335,7 +335,7 @@ class RMSLSTMCell(LNLSTMCell):
     with RMS(a; g) = a / sqrt(mean(a²) + ε) ⊙ g: no mean subtraction, no shift (b is the only bias).
     """
 
-    norm_layer = nn.RMSNorm
+    norm_layer = RMSNorm
 
 
 # ---------------------------------------------------------------------------------------------------------------- GRU
@@ -364,7 +364,7 @@ class GRUCell(RecurrentCell):
     native_weights = LSTMCell.native_weights
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return F.linear(x, self.weight_ih, self.bias_ih)
+        return linear(x, self.weight_ih, self.bias_ih)
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
         """The recurrent term of (r, z, n), before the reset gate multiplies its n part."""
@@ -409,7 +409,7 @@ class LNGRUCell(GRUCell):
         return a if b is None else a + b
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return self._norm(F.linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, self.bias_ih)
+        return self._norm(linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, self.bias_ih)
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return self._norm(F.linear(h, self.weight_hh), self.ln_hh_rz, self.ln_hh_n, self.bias_hh)
@@ -429,7 +429,7 @@ class LNGRUCell(GRUCell):
 class RMSGRUCell(LNGRUCell):
     """RMSNorm GRU (Zhang & Sennrich 2019) in the four LN positions of the LN-GRU; gains only, the biases b shift."""
 
-    norm_layer = nn.RMSNorm
+    norm_layer = RMSNorm
 
 
 # ------------------------------------------------------------------------------------------------------------- IndRNN
@@ -475,7 +475,7 @@ class BNIndRNNCell(RecurrentCell):
             nn.init.zeros_(self.bias)
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        u = F.linear(x, self.weight_ih)
+        u = linear(x, self.weight_ih)
         if self.bn_placement == "input":
             u = self.bn(u, mask)
         return u if self.bias is None else u + self.bias
