@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,14 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
+from zoo import hub
 from zoo.callbacks import ExactResume
 from zoo.models.base import RecurrentModule
 
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 METRIC_NAMES = {"acc": "accuracy", "ppl": "perplexity"}
+PRETRAINED = "pretrained:"
 
 
 class ZooSaveConfig(SaveConfigCallback):
@@ -64,7 +68,14 @@ class ZooCLI(LightningCLI):
       DataModule has no predict split).
     - ``--test_after_fit true`` tests the best checkpoint when fit ends and prints its path and the test metrics.
     - The optimizer defaults to Adam (lr 1e-3); ``optimizer:`` / ``lr_scheduler:`` in a config choose others.
+    - Published models (`zoo.hub`: a name, directory, URL or ``hf://owner/repo``): ``--init_from <model>`` starts from
+      its weights (fit fine-tunes them; the model the config builds must have their shapes);
+      ``--ckpt_path pretrained:<model>`` validates / tests / predicts with it, the model rebuilt from its published
+      config (as from a checkpoint's hyperparameters); ``--pretrained <model>`` is short for that plus
+      ``--config <its training config>`` (see `main`).
     """
+
+    _published: hub.Published | None = None  # the model of --ckpt_path pretrained:<model>
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", ZooSaveConfig)
@@ -90,6 +101,19 @@ class ZooCLI(LightningCLI):
             default=False,
             help="after fit, test the best checkpoint and print its path and the test metrics",
         )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="start from the weights of a published model (zoo.hub name, directory, URL or hf://owner/repo)",
+        )
+        parser.add_argument(
+            "--pretrained",
+            type=str | None,
+            default=None,
+            help="validate/test/predict a published model with its own training config: short for "
+            "--config <its training config> --ckpt_path pretrained:<model>",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "trainer.default_root_dir": "runs"})
         parser.add_optimizer_args((Optimizer,))
@@ -97,6 +121,18 @@ class ZooCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        self._published = None
+        ckpt_path = f"{PRETRAINED}{cfg.pretrained}" if cfg.get("pretrained") else cfg.get("ckpt_path")
+        if isinstance(ckpt_path, str) and ckpt_path.startswith(PRETRAINED):
+            if self.subcommand == "fit":
+                raise ValueError(f"--ckpt_path {ckpt_path} is for validate/test/predict; fit starts from --init_from")
+            self._published = hub.read_published(ckpt_path[len(PRETRAINED) :])
+            model = self._published.config["model"]
+            init_args = {k: v for k, v in model["init_args"].items() if k != "dims"}  # dims come from the data
+            update = {"model": {"class_path": model["class_path"], "init_args": init_args}}
+            update = {self.subcommand: update} if self.subcommand else update
+            self.config = self.parser.parse_object(update, self.config)
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
         model_cls = _class(cfg.model.class_path)
         variant = cfg.model.init_args.get("variant", "model")
         name = cfg.name
@@ -126,6 +162,13 @@ class ZooCLI(LightningCLI):
                 logger.init_args.name = name
 
     def after_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if self._published is not None:  # its weights win over --init_from
+            hub.load_into(self.model, self._published)
+            if self.subcommand:
+                self.config_init[self.subcommand].ckpt_path = None  # the weights are in; nothing for Lightning to read
+        elif cfg.init_from:
+            hub.load_into(self.model, hub.read_published(cfg.init_from))
         callbacks = self.trainer.callbacks
         if not any(isinstance(c, ExactResume) for c in callbacks):
             callbacks.append(ExactResume())
@@ -165,6 +208,26 @@ def _tensor_outputs(outputs: list) -> Any:
     return outputs
 
 
+def expand_pretrained(args: list[str]) -> list[str]:
+    """Replace ``--pretrained <model>`` by ``--config <its training config> ... --ckpt_path pretrained:<model>``.
+
+    The published training config comes first, so the other arguments (e.g. ``--data.data_dir``) override it.
+    """
+    for i, arg in enumerate(args):
+        if arg == "--pretrained" or arg.startswith("--pretrained="):
+            name = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            rest = args[:i] + args[i + (1 if "=" in arg else 2) :]
+            if not name or not rest or rest[0] not in ("validate", "test", "predict"):
+                raise ValueError("--pretrained <model> goes with validate, test or predict (fit uses --init_from)")
+            config = json.dumps(hub.read_published(name).training_config)
+            return [rest[0], "--config", config, *rest[1:], f"--ckpt_path={PRETRAINED}{name}"]
+    return args
+
+
 def main(args: list[str] | None = None) -> ZooCLI:
-    """Run the command line (``fit``, ``validate``, ``test``, ``predict``) on ``args`` (default: ``sys.argv``)."""
-    return ZooCLI(args=args)
+    """Run the command line (``fit``, ``validate``, ``test``, ``predict``) on ``args`` (default: ``sys.argv``), with
+    ``--pretrained <model>`` expanded (`expand_pretrained`)."""
+    if args is None:
+        sys.argv[1:] = expand_pretrained(sys.argv[1:])
+        return ZooCLI()
+    return ZooCLI(args=expand_pretrained(list(args)))
