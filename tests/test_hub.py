@@ -57,7 +57,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ckpt = _fit(
         root,
         "--config",
-        str(ROOT / "configs/pretrained/digits_ln_lstm.yaml"),
+        str(ROOT / "configs/pretrained/digits/ln_lstm.yaml"),
         f"--data.data_dir={DATA / 'digits'}",
         "--model.hidden_size=8",
         "--trainer.max_steps=4",
