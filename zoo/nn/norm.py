@@ -208,7 +208,16 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x * rstd
-        dxhat = dy * weight
-        dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)).mul_(rstd)
-        return dx, (dy * xhat).reshape(-1, x.shape[-1]).sum(0), None
+        features = x.shape[-1]
+        x2, dy2, rstd2 = x.reshape(-1, features), dy.reshape(-1, features), rstd.reshape(-1, 1)
+        dx = torch.empty_like(x2)
+        dweight = torch.zeros_like(weight)
+        for i in range(0, x2.shape[0], 1024):  # in row chunks: the temporaries stay small
+            rows = slice(i, i + 1024)
+            xhat = x2[rows] * rstd2[rows]
+            dweight.add_((dy2[rows] * xhat).sum(0))
+            dxhat = dy2[rows] * weight
+            mean = (dxhat * xhat).mean(-1, keepdim=True)
+            torch.mul(dxhat.sub_(xhat.mul_(mean)), rstd2[rows], out=dx[rows])  # rstd (dx̂ − x̂ mean(dx̂ x̂))
+        dx = dx.view_as(x)
+        return dx, dweight, None
