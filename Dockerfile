@@ -1,0 +1,35 @@
+# zoo on a CUDA GPU: the PyTorch base image brings torch with CUDA and cuDNN; only the project and its other
+# dependencies are installed on top (torch>=2.8 is already satisfied, so pip keeps the image's build).
+#   docker build -t zoo .
+#   docker run --gpus all -v /path/to/shared/data:/workspace/shared/data -v $PWD/runs:/workspace/zoo/runs \
+#       -e WANDB_API_KEY zoo fit --config configs/ptb_char/bn_lstm.yaml
+# Arguments after the image name go to train.py. The W&B key comes only from the environment at run time.
+ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The configs read ../shared/data relative to the project root: /workspace/shared/data.
+WORKDIR /workspace/zoo
+
+# Dependencies first (a layer that changes only with pyproject.toml), then the code.
+COPY pyproject.toml README.md ./
+COPY zoo ./zoo
+RUN pip install . \
+    && python -c "import torch, lightning, zoo.nn; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+COPY train.py ./
+COPY configs ./configs
+
+RUN useradd --create-home --uid 1000 --shell /bin/bash zoo \
+    && mkdir -p /workspace/shared/data /workspace/zoo/runs \
+    && chown -R zoo:zoo /workspace/zoo/runs /workspace/shared
+USER 1000:1000
+
+# Data (read) and outputs: checkpoints, logs, offline W&B runs (runs/ is train.py's default root).
+VOLUME ["/workspace/shared/data", "/workspace/zoo/runs"]
+
+ENTRYPOINT ["python", "train.py"]
+CMD ["fit", "--help"]
