@@ -383,14 +383,14 @@ def test_the_manifest_matches_the_bundled_files_and_their_cards() -> None:
         assert (ROOT / card.command.split()[-1]).is_file()
 
 
-def test_a_published_digits_model_reproduces_its_card_with_train_py_test() -> None:
+def test_a_published_digits_model_reproduces_its_card_with_train_py_test(tmp_path: Path) -> None:
     name = "digits-lstm"
     if name not in {e.name for e in hub.list_pretrained()}:
         pytest.fail(f"{name} is not in the manifest")
     card = hub.read_published(name).card
     assert card.evaluate == f"python train.py test --pretrained {name}"
     done = subprocess.run(
-        [sys.executable, "train.py", "test", "--pretrained", name, *QUIET],
+        [sys.executable, "train.py", "test", "--pretrained", name, f"--trainer.default_root_dir={tmp_path}", *QUIET],
         cwd=ROOT,
         capture_output=True,
         text=True,

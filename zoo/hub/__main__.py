@@ -27,7 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", default=None, help="the run's resolved config.yaml (default: found beside the run)")
     ex.add_argument("--name", default=None, help="the model's name (default: the run's name, '/' -> '-')")
     ex.add_argument("--command", default=None, help="the command that reproduces the training, for the card")
-    ex.add_argument("--training_time_s", type=float, default=None, help="default: the Timer state in the checkpoint")
+    ex.add_argument(
+        "--training_time_s",
+        type=float,
+        default=None,
+        help="wall time of the training command (default: a Timer's time up to the checkpoint)",
+    )
     ex.add_argument("--hardware", default=None, help="what it was trained on (default: this machine)")
     ex.add_argument("--data_dir", default=None, help="override the config's data_dir for the evaluation")
     push_ = sub.add_parser("push", help="publish an exported directory to a local directory or hf://owner/repo")

@@ -74,14 +74,11 @@ def find_run_config(checkpoint: str | Path) -> Path:
     return max(candidates, key=lambda p: int(p.parent.name.rpartition("_")[2]))
 
 
-def _training_time(checkpoint: Path, ckpt: dict[str, Any]) -> float | None:
-    """Seconds of training recorded by a Timer callback, in ``last.ckpt`` beside the checkpoint, else in it."""
-    last = checkpoint.with_name("last.ckpt")
-    sources = [torch.load(last, map_location="cpu", weights_only=True)] if last.is_file() else []
-    for source in [*sources, ckpt]:
-        for key, state in source.get("callbacks", {}).items():
-            if key.startswith("Timer") and "time_elapsed" in state:
-                return float(state["time_elapsed"]["train"])
+def _training_time(ckpt: dict[str, Any]) -> float | None:
+    """Seconds of training up to the checkpoint, if a Timer callback recorded them in it."""
+    for key, state in ckpt.get("callbacks", {}).items():
+        if key.startswith("Timer") and "time_elapsed" in state:
+            return float(state["time_elapsed"]["train"])
     return None
 
 
@@ -145,8 +142,9 @@ def export(
     The checkpoint is read with ``weights_only=True``. ``config`` is the run's resolved ``config.yaml`` (found beside
     the run by default, see `find_run_config`). The card's metrics are measured here: the exported model is read back
     from ``directory`` and tested on the config's data (``data_overrides`` change its init args, e.g. ``data_dir``).
-    The training time comes from a Timer callback's state in the checkpoints unless ``training_time_s`` is given;
-    the hardware is this machine unless ``hardware`` is given.
+    ``training_time_s`` is the wall time of the training command; without it, the time up to the checkpoint that a
+    Timer callback recorded in it (Lightning writes a best checkpoint when the metric improves, so this can be less
+    than the whole run). The hardware is this machine unless ``hardware`` is given.
     """
     checkpoint, directory = Path(checkpoint), Path(directory)
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -197,7 +195,7 @@ def export(
         metrics=metrics,
         measured=_measured(task, metric, datamodule),
         training=_training_description(training_config, ckpt, cls.monitor),
-        training_time_s=training_time_s if training_time_s is not None else _training_time(checkpoint, ckpt),
+        training_time_s=training_time_s if training_time_s is not None else _training_time(ckpt),
         hardware=hardware or describe_hardware(),
         command=command or f"python train.py fit --config {config_path}",
         evaluate=f"python train.py test --pretrained {name}",
