@@ -100,7 +100,7 @@ class ModelCard:
             f"# {self.name}\n\nA `{self.variant}` model of the `zoo` model zoo: {self.task} on {self.dataset}.\n\n"
             f"| | |\n|---|---|\n{table}\n\n"
             "## Use\n\n"
-            f'```python\nimport zoo.hub\nmodel = zoo.hub.load_pretrained("{self.name}")  # eval mode, on CPU\n'
+            f'```python\nimport zoo.hub\n\nmodel = zoo.hub.load_pretrained("{self.name}")  # eval mode, on CPU\n'
             "print(model.card.metrics)\n```\n\n"
             "Files: `model.safetensors` (weights), `config.json` (the model class, its init args, the zoo version and "
             "the resolved training config), `README.md` (this card).\n"
