@@ -265,7 +265,8 @@ def test_push_to_a_served_directory_then_pull_by_url_once(
     }
     assert hub.list_pretrained(manifest) == [entry]
     table = hub.markdown_table(manifest)
-    assert "| `tiny-digits` | sequence classification | `ln_lstm` |" in table and "test/acc" in table
+    assert table.splitlines()[2].startswith("| `tiny-digits` | sequence classification | `ln_lstm` | UCI optdigits")
+    assert f"| test/acc {entry.value:.4f} | {entry.parameters:,} |" in table
 
     cache = tmp_path / "cache"
     model = hub.load_pretrained("tiny-digits", cache_dir=cache, manifest=manifest)

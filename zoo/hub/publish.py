@@ -37,11 +37,11 @@ from .sources import HF_PREFIX, MANIFEST, PretrainedInfo, read_manifest, write_m
 # data class -> (description, licence of the data)
 DATASETS = {
     "SequentialDigits": (
-        "UCI optdigits (the 1797 8x8 handwritten digits, read one pixel per step: 64 steps)",
+        "UCI optdigits, 1797 8x8 digits read one pixel per step (64 steps)",
         "CC BY 4.0 (UCI Machine Learning Repository)",
     ),
     "TinyShakespeare": (
-        "tiny-shakespeare (karpathy/char-rnn, 1,115,394 characters, 65 symbols), character level",
+        "tiny-shakespeare (karpathy/char-rnn), 1,115,394 characters, 65 symbols",
         "public domain text (Shakespeare); compiled in karpathy/char-rnn (MIT)",
     ),
     "PennTreebank": ("Penn Treebank (Mikolov's preprocessing)", "free for research purposes (LDC material)"),
@@ -289,13 +289,13 @@ def _relative_to_manifest(path: Path, manifest: str | Path | None) -> str:
 def markdown_table(manifest: str | Path = MANIFEST) -> str:
     """The manifest as a Markdown table (for the README)."""
     rows = [
-        "| name | task | variant | data (licence) | metric | parameters | size | training time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| name | task | variant | data | data licence | metric | parameters | size | training time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in read_manifest(manifest).values():
         minutes = f"{e.training_time_s / 60:.1f} min" if e.training_time_s is not None else "—"
         rows.append(
-            f"| `{e.name}` | {e.task} | `{e.variant}` | {e.dataset} ({e.licence}) | {e.metric} {e.value:.4f} | "
+            f"| `{e.name}` | {e.task} | `{e.variant}` | {e.dataset} | {e.licence} | {e.metric} {e.value:.4f} | "
             f"{e.parameters:,} | {e.size / 1e6:.2f} MB | {minutes} |"
         )
     return "\n".join(rows)
