@@ -54,6 +54,10 @@ class RecurrentCell(nn.Module):
     def output_transform(self, out: Tensor, mask: Tensor | None) -> Tensor:
         return out
 
+    def can_fuse(self) -> bool:
+        """Whether `fused_recurrence` may run now (it may not when it lacks something the step loop does)."""
+        return True
+
     def init_state(self, batch: int, like: Tensor) -> State:
         """The zero state, ``state_size`` tensors of shape ``(B, H)``."""
         return tuple(like.new_zeros(batch, self.hidden_size) for _ in range(self.state_size))
@@ -61,7 +65,7 @@ class RecurrentCell(nn.Module):
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         """Run the recurrence: ``x`` is ``(T, B, I)``; returns the output ``(T, B, H)`` and the final state."""
         u = self.input_projection(x, mask)
-        if self.fused and hasattr(self, "fused_recurrence"):
+        if self.fused and hasattr(self, "fused_recurrence") and self.can_fuse():
             out, state = run_packed(self.fused_recurrence, u, state, mask)
             return self.output_transform(out, mask), state
         outputs = []
@@ -213,7 +217,9 @@ class BNLSTMCell(_NormalizedLSTMCell):
     for each time step t < ``max_steps`` (T_max) with γ, β shared over time (``past_max_steps``: see `MaskedBatchNorm`).
     γ starts at ``gamma`` (0.1), β at 0, the forget-gate bias at 1; W_x and W_h are orthogonal per gate block, as in the
     official code. ``init_noise`` > 0 adds Gaussian noise of that std to the initial hidden state in training (the
-    paper does so on sequential MNIST, whose first pixels are constant).
+    paper does so on sequential MNIST, whose first pixels are constant). ``sync_bn``: synchronize the statistics over
+    data-parallel processes (`MaskedBatchNorm`'s ``sync``; the step loop runs then, the fused recurrence has no
+    all-reduce).
     """
 
     def __init__(
@@ -228,10 +234,13 @@ class BNLSTMCell(_NormalizedLSTMCell):
         past_max_steps: str = "reuse",
         init_noise: float = 0.0,
         forget_bias: float = 1.0,
+        sync_bn: bool | None = None,
     ) -> None:
         super().__init__(input_size, hidden_size, bias, forget_bias)
         g = self.num_gates * hidden_size
-        bn = dict(max_steps=max_steps, gamma=gamma, momentum=momentum, eps=eps, past_max_steps=past_max_steps)
+        bn = dict(
+            max_steps=max_steps, gamma=gamma, momentum=momentum, eps=eps, past_max_steps=past_max_steps, sync=sync_bn
+        )
         self.bn_ih = MaskedBatchNorm(g, bias=False, **bn)
         self.bn_hh = MaskedBatchNorm(g, bias=False, **bn)
         self.bn_c = MaskedBatchNorm(hidden_size, bias=True, **bn)
@@ -254,6 +263,9 @@ class BNLSTMCell(_NormalizedLSTMCell):
     def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
         return self.bn_hh, self.bn_c
 
+    def can_fuse(self) -> bool:
+        return not (self.training and self.bn_hh.synchronized)
+
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         if self.training and self.init_noise > 0:
             h, c = state
@@ -266,6 +278,7 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
 
     i, f, g, o = BN(W_x x_t; γ, 0) + W_h h_{t-1} + b, with one set of statistics over all valid batch x time positions;
     the recurrent term and c_t are not normalized (Laurent et al. found BN of the hidden-to-hidden path did not help).
+    ``sync_bn``: synchronize the statistics over data-parallel processes (`MaskedBatchNorm`'s ``sync``).
     """
 
     def __init__(
@@ -277,10 +290,11 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
         momentum: float = 0.1,
         eps: float = 1e-5,
         forget_bias: float = 1.0,
+        sync_bn: bool | None = None,
     ) -> None:
         super().__init__(input_size, hidden_size, bias, forget_bias)
         self.bn_ih = MaskedBatchNorm(
-            self.num_gates * hidden_size, None, gamma=gamma, bias=False, momentum=momentum, eps=eps
+            self.num_gates * hidden_size, None, gamma=gamma, bias=False, momentum=momentum, eps=eps, sync=sync_bn
         )
 
     def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -443,6 +457,7 @@ class BNIndRNNCell(RecurrentCell):
     models) normalizes the layer's output, BN(h_t), while the recurrence carries the unnormalized h_t. Statistics are
     over all valid batch x time positions. |u| is kept within ``recurrent_max`` (default ``magnitude ** (1 /
     max_steps)``, the paper's MAG^(1/T)) by projecting u after every update, as the paper clips it; u starts U(0, 1).
+    ``sync_bn``: synchronize the statistics over data-parallel processes (`MaskedBatchNorm`'s ``sync``).
     """
 
     def __init__(
@@ -456,6 +471,7 @@ class BNIndRNNCell(RecurrentCell):
         recurrent_max: float | None = None,
         momentum: float = 0.1,
         eps: float = 1e-5,
+        sync_bn: bool | None = None,
     ) -> None:
         super().__init__(input_size, hidden_size)
         if bn_placement not in ("input", "output"):
@@ -465,7 +481,9 @@ class BNIndRNNCell(RecurrentCell):
         self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size))
         self.weight_hh = nn.Parameter(torch.empty(hidden_size))
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
-        self.bn = MaskedBatchNorm(hidden_size, None, momentum=momentum, eps=eps, bias=bn_placement == "output")
+        self.bn = MaskedBatchNorm(
+            hidden_size, None, momentum=momentum, eps=eps, bias=bn_placement == "output", sync=sync_bn
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

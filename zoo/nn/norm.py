@@ -9,6 +9,7 @@ positions of a padded, time-major batch only, either per time step (Cooijmans et
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 PAST_MAX_STEPS = ("reuse", "error")
@@ -29,6 +30,13 @@ class MaskedBatchNorm(nn.Module):
         past_max_steps: what happens at steps t >= T_max (per-step mode only). ``"reuse"``: training normalizes with
             the batch statistics as always but does not update running statistics there; evaluation reuses the
             running statistics of step T_max - 1 (the paper's choice). ``"error"``: raise.
+        sync: synchronize the batch statistics over the processes of the default `torch.distributed` process group
+            (data-parallel training): every rank normalizes with the statistics of the global batch, keeps the same
+            running statistics, and the backward all-reduces the statistics' gradient terms, so that W ranks with
+            batch B each compute what one process computes with batch W x B. ``None`` (default): whenever
+            `torch.distributed` is initialized with more than one process; ``True``: always (an error without a
+            process group); ``False``: never (per-rank statistics). Per-step statistics need the same number of
+            steps on every rank: `zoo.nn.RNN` pads each rank's batch to the longest one (`sync_steps`).
 
     Training normalizes with the (biased) batch statistics of the valid positions and updates the running statistics
     with the unbiased variance, like `torch.nn.BatchNorm1d`; a step with fewer than two valid positions leaves its
@@ -44,6 +52,7 @@ class MaskedBatchNorm(nn.Module):
         momentum: float = 0.1,
         eps: float = 1e-5,
         past_max_steps: str = "reuse",
+        sync: bool | None = None,
     ) -> None:
         super().__init__()
         if max_steps is not None and max_steps < 1:
@@ -58,6 +67,7 @@ class MaskedBatchNorm(nn.Module):
         self.momentum = momentum
         self.eps = eps
         self.past_max_steps = past_max_steps
+        self.sync = sync
         self.weight = nn.Parameter(torch.empty(num_features))
         self.bias = nn.Parameter(torch.empty(num_features)) if bias else None
         slots = 1 if max_steps is None else max_steps
@@ -75,6 +85,17 @@ class MaskedBatchNorm(nn.Module):
     @property
     def per_step(self) -> bool:
         return self.max_steps is not None
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether training synchronizes the batch statistics over processes now (see ``sync``)."""
+        if self.sync is False:
+            return False
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.sync:
+                raise RuntimeError("MaskedBatchNorm(sync=True) needs an initialized torch.distributed process group")
+            return False
+        return self.sync is True or dist.get_world_size() > 1
 
     def extra_repr(self) -> str:
         return (
@@ -100,24 +121,34 @@ class MaskedBatchNorm(nn.Module):
             shift = -mean * scale if self.bias is None else self.bias - mean * scale
             return torch.addcmul(shift, x, scale)
         w = None if mask is None else mask.unsqueeze(-1).to(x.dtype)
+        sync = self.synchronized
         with torch.no_grad():
-            mean, var, count = self._batch_stats(x, w)
+            mean, var, count = self._batch_stats(x, w, sync)
             self._update_running(mean, var, count, start)
         rstd = torch.rsqrt(var + self.eps)
-        return _BatchNormTrain.apply(x, self.weight, self.bias, mean, rstd, w, count, self.per_step)
+        return _BatchNormTrain.apply(x, self.weight, self.bias, mean, rstd, w, count, self.per_step, sync)
 
-    def _batch_stats(self, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _batch_stats(self, x: Tensor, w: Tensor | None, sync: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Biased mean and variance over the valid positions (``w``: ``(T, B, 1)`` 1/0 weights, None for all), per
-        step ``(T, 1, F)`` or shared ``(1, 1, F)``, and the number of valid positions."""
+        step ``(T, 1, F)`` or shared ``(1, 1, F)``, and the number of valid positions; over all ranks if ``sync``
+        (two all-reduces: the counts and sums, then the squared deviations from the global mean)."""
         if w is None:  # (two passes: torch.var_mean over these dimensions is ten times slower on CPU)
             n = x.shape[1] if self.per_step else x.shape[0] * x.shape[1]
             count = x.new_full((x.shape[0] if self.per_step else 1, 1, 1), float(n))
         else:
             count = group_sum(w, None, self.per_step)
+        total = group_sum(x, w, self.per_step)
+        if sync:
+            both = torch.cat([count, total], dim=-1)
+            dist.all_reduce(both)
+            count, total = both[..., :1], both[..., 1:]
         safe = count.clamp(min=1)
-        mean = group_sum(x, w, self.per_step) / safe
+        mean = total / safe
         d = x - mean
-        return mean, group_sum(d * d, w, self.per_step) / safe, count
+        squares = group_sum(d * d, w, self.per_step)
+        if sync:
+            dist.all_reduce(squares)
+        return mean, squares / safe, count
 
     @torch.no_grad()
     def _update_running(self, mean: Tensor, var: Tensor, count: Tensor, start: int) -> None:
@@ -156,10 +187,12 @@ def group_sum(v: Tensor, w: Tensor | None, per_step: bool) -> Tensor:
 
 class _BatchNormTrain(torch.autograd.Function):
     """y = γ (x − μ) / σ + β with the batch statistics μ, σ of the valid positions, and its hand-written backward,
-    in which the statistics' dependence on x is accounted for (padded positions get y = 0 and no gradient)."""
+    in which the statistics' dependence on x is accounted for (padded positions get y = 0 and no gradient). With
+    ``sync`` the statistics are global (over all ranks): the backward all-reduces its two group sums for dx, while
+    dγ and dβ stay this rank's share (data-parallel training reduces parameter gradients itself)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, rstd, w, count, per_step: bool):
+    def forward(ctx, x, weight, bias, mean, rstd, w, count, per_step: bool, sync: bool = False):
         scale = rstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
         y = torch.addcmul(shift, x, scale)
@@ -167,6 +200,7 @@ class _BatchNormTrain(torch.autograd.Function):
             y.mul_(w)
         ctx.save_for_backward(x, weight, mean, rstd, w, count)
         ctx.per_step = per_step
+        ctx.sync = sync
         ctx.has_bias = bias is not None
         return y
 
@@ -178,14 +212,18 @@ class _BatchNormTrain(torch.autograd.Function):
         xhat = torch.addcmul(-mean * rstd, x, rstd)
         sum_dy = group_sum(dy, w, per_step)
         sum_dy_xhat = group_sum(dy * xhat, w, per_step)
+        dweight = sum_dy_xhat.sum((0, 1))
+        dbias = sum_dy.sum((0, 1)) if ctx.has_bias else None
+        if ctx.sync:
+            both = torch.cat([sum_dy, sum_dy_xhat], dim=-1)
+            dist.all_reduce(both)
+            sum_dy, sum_dy_xhat = both.split(dy.shape[-1], dim=-1)
         a = rstd * weight
         dx = torch.addcmul(-a * sum_dy / n, dy, a)  # γ/σ (dy − mean(dy) − x̂ mean(dy x̂)), over the valid positions
         dx.addcmul_(xhat, -a * sum_dy_xhat / n)
         if w is not None:
             dx.mul_(w)
-        dweight = sum_dy_xhat.sum((0, 1))
-        dbias = sum_dy.sum((0, 1)) if ctx.has_bias else None
-        return dx, dweight, dbias, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None
 
 
 class RMSNorm(nn.RMSNorm):

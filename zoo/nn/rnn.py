@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .cells import RecurrentCell
+from .norm import MaskedBatchNorm
 from .registry import get_variant
 
 StateArg = Tensor | tuple[Tensor, Tensor] | None
@@ -130,11 +132,17 @@ class RNN(nn.Module):
         if lengths is not None:
             lengths = self._check_lengths(lengths, steps, batch, x.device)
         states = self._initial_state(state, batch, x, unbatched)
+        longest = self.sync_steps(steps, x.device)
+        if longest > steps:  # other ranks have longer sequences: pad, the padding masked out
+            if lengths is None:
+                lengths = torch.full((batch,), steps, dtype=torch.long, device=x.device)
+            x = F.pad(x, (0, 0, 0, 0, 0, longest - steps))
 
         if self.fused and self.cells[0].native is not None:
             out, finals = self._native(x, states, lengths)
         else:
             out, finals = self._layers(x, states, lengths)
+        out = out[:steps]
 
         if packed is not None:
             return self._repack(out, lengths, packed), self._state_out(finals, unbatched)
@@ -143,6 +151,17 @@ class RNN(nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, self._state_out(finals, unbatched)
+
+    def sync_steps(self, steps: int, device: torch.device) -> int:
+        """The number of time steps to run: ``steps``, or the most steps of any rank when the network synchronizes
+        per-step batch statistics over processes (every rank must run as many steps, i.e. all-reduces)."""
+        if not self.training:
+            return steps
+        if not any(isinstance(m, MaskedBatchNorm) and m.per_step and m.synchronized for m in self.modules()):
+            return steps
+        longest = torch.tensor([steps], device=device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        return int(longest)
 
     # ------------------------------------------------------------------------------------------------ the two engines
 
