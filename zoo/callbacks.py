@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import RunningStage
+from torch.utils.data import DataLoader
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -37,9 +39,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class _ResumableLoader:
     """Wraps a training DataLoader so that Lightning saves and restores its position (Lightning's `_Stateful` protocol).
 
-    Its state is the random state at the start of the current epoch (which fixed the epoch's shuffling) and the
-    number of batches training has consumed. On resume, the next ``iter()`` replays the epoch's shuffling from the saved
-    random state, skips the consumed batches and puts the global random state back as it found it.
+    Its state is the random state at the start of the current epoch (which fixed the epoch's shuffling), the
+    number of batches training has consumed (0 once the epoch is complete) and the number of processes its sampler
+    splits the data over. On resume, the next ``iter()`` replays the epoch's shuffling from the saved random state,
+    skips the consumed batches and puts the global random state back as it found it. Resumed on a different number of
+    processes, it skips as many batches as keep the epoch's number of samples right (the order differs: not exact).
     """
 
     def __init__(self, loader: Any, trainer: L.Trainer) -> None:
@@ -68,15 +72,21 @@ class _ResumableLoader:
             set_rng_state(outer)
         yield from it
 
+    def _replicas(self) -> int:
+        return int(getattr(getattr(self.loader, "sampler", None), "num_replicas", 1))
+
     def state_dict(self) -> dict[str, Any]:
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {
             "epoch_rng": self._epoch_rng,
-            "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batches": 0 if batches >= self.trainer.num_training_batches else batches,
+            "replicas": self._replicas(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("epoch_rng") is not None and 0 < state["batches"] < len(self.loader):
-            self._resume = (state["epoch_rng"], state["batches"])
+        batches = state["batches"] * state.get("replicas", 1) // self._replicas()
+        if state.get("epoch_rng") is not None and 0 < batches < len(self.loader):
+            self._resume = (state["epoch_rng"], batches)
 
 
 class ExactResume(L.Callback):
@@ -98,7 +108,10 @@ class ExactResume(L.Callback):
             return
 
         def train_dataloader() -> _ResumableLoader:
-            return _ResumableLoader(make(), trainer)
+            loader = make()
+            if isinstance(loader, DataLoader):  # the distributed sampler first: Lightning leaves the wrapper alone
+                loader = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
+            return _ResumableLoader(loader, trainer)
 
         train_dataloader._zoo_resumable = True  # type: ignore[attr-defined]
         owner.train_dataloader = train_dataloader

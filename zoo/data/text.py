@@ -6,6 +6,10 @@ window may be shorter), so row ``b`` of window ``i+1`` continues row ``b`` of wi
 state from one batch to the next (stateful truncated BPTT). The loaders yield the windows in order and are resumable:
 their ``state_dict`` records how many windows of the epoch were served, and Lightning restores it from a mid-epoch
 checkpoint.
+
+Data-parallel training (W processes): the ``batch_size`` rows stay the global batch and are split into W contiguous
+blocks of ``batch_size / W`` rows; rank r serves block r, so the union over the ranks of every window is exactly the
+single-process window, no stream is lost or duplicated, and each rank carries its own rows' state.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from .download import DataError, ensure_file, sha256sum
 
@@ -29,13 +34,23 @@ NEWLINE = 10  # code point of "\n", the end-of-line symbol at character level
 
 
 class BPTTWindows(Dataset):
-    """The BPTT windows of one stream cut into ``batch_size`` rows; item ``i`` is ``(x, y)``, views of the rows."""
+    """The BPTT windows of one stream cut into ``batch_size`` rows; item ``i`` is ``(x, y)``, views of the rows.
 
-    def __init__(self, stream: torch.Tensor, batch_size: int, bptt: int) -> None:
+    With ``world_size`` W > 1 only rank ``rank``'s block of ``batch_size / W`` contiguous rows is served (W must
+    divide ``batch_size``).
+    """
+
+    def __init__(self, stream: torch.Tensor, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1) -> None:
         steps = len(stream) // batch_size
         if steps < 2:
             raise ValueError(f"a stream of {len(stream)} symbols is too short for {batch_size} rows of 2 or more")
-        self.data = stream[: steps * batch_size].view(batch_size, steps)
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(
+                f"{batch_size} rows cannot be split evenly over {world_size} processes (rank {rank}): make the "
+                "batch size a multiple of the number of processes"
+            )
+        rows = batch_size // world_size
+        self.data = stream[: steps * batch_size].view(batch_size, steps)[rank * rows : (rank + 1) * rows]
         self.bptt = bptt
 
     def __len__(self) -> int:
@@ -49,11 +64,16 @@ class BPTTWindows(Dataset):
         return self.data[:, start:end].long(), self.data[:, start + 1 : end + 1].long()  # (byte streams: uint8)
 
 
-class _OffsetSampler(Sampler[int]):
-    """``range(start, n)``; ``len`` is always ``n`` (the epoch's length), whatever ``start`` is."""
+class _OffsetSampler(DistributedSampler):
+    """``range(start, n)``; ``len`` is always ``n`` (the epoch's length), whatever ``start`` is.
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    A `DistributedSampler` only so that Lightning does not put its own in place: the windows are already this rank's
+    rows (`BPTTWindows`), and every rank must serve all of them, in order.
+    """
+
+    def __init__(self, windows: BPTTWindows) -> None:
+        super().__init__(windows, num_replicas=1, rank=0, shuffle=False)
+        self.n = len(windows)
         self.start = 0
 
     def __len__(self) -> int:
@@ -68,15 +88,15 @@ class WindowLoader(DataLoader):
 
     ``state_dict()`` is ``{"position": windows served so far this epoch}``; after ``load_state_dict`` the next iteration
     starts at that window (Lightning calls both for the training loader when it saves and resumes a checkpoint).
-    Windows are views, so worker processes only add overhead: keep ``num_workers=0``. Single device only: a distributed
-    sampler would interleave the windows and break the continuity of the rows.
+    Windows are views, so worker processes only add overhead: keep ``num_workers=0``. Distributed training splits the
+    rows (`BPTTWindows`), never the windows: Lightning adds no sampler of its own.
     """
 
     def __init__(self, windows: BPTTWindows, num_workers: int = 0) -> None:
         super().__init__(
             windows,
             batch_size=None,
-            sampler=_OffsetSampler(len(windows)),
+            sampler=_OffsetSampler(windows),
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
         )
@@ -182,7 +202,8 @@ class LanguageModelingData(L.LightningDataModule):
     Subclasses implement `files` (what to fetch) and `load` (the vocabulary and the encoded train/valid/test streams);
     loading happens once, lazily, on the first access to `dims`, `vocab`, `streams` or `setup`. Batches are ``(x, y)``,
     LongTensors (B, T) with ``T <= bptt``, y being x shifted by one symbol. ``eval_batch_size`` (default ``batch_size``)
-    is the number of rows of the validation and test streams.
+    is the number of rows of the validation and test streams. Both are global: with W processes each serves its block
+    of B / W rows (W must divide them).
     """
 
     level = "char"
@@ -242,11 +263,24 @@ class LanguageModelingData(L.LightningDataModule):
         """Read and encode the corpus (once)."""
         self._load()
 
+    def rank_and_world(self) -> tuple[int, int]:
+        """This process's rank and the number of processes: the trainer's, else torch.distributed's, else (0, 1)."""
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def windows(self, split: str) -> BPTTWindows:
-        """The BPTT windows of ``split`` ("train", "valid" or "test")."""
+        """The BPTT windows of ``split`` ("train", "valid" or "test"): this rank's block of rows."""
         rows = self.batch_size if split == "train" else self.eval_batch_size
+        rank, world = self.rank_and_world()
+        if rows % world:
+            name = "batch_size" if split == "train" else "eval_batch_size"
+            raise ValueError(f"{name}={rows} rows cannot be split evenly over {world} processes: use a multiple")
         try:
-            return BPTTWindows(self.streams[split], rows, self.bptt)
+            return BPTTWindows(self.streams[split], rows, self.bptt, rank, world)
         except ValueError as e:
             files = ", ".join(str(p) for p, _, _ in self.files())
             raise DataError(f"{files}: the {split} split is too small: {e}") from e

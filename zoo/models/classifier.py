@@ -85,7 +85,8 @@ class SequenceClassifier(RecurrentModule):
         metric = self.metrics[f"{split}_acc"]
         metric(logits, y)
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        log = {"on_epoch": True, "prog_bar": True, "batch_size": len(y), "sync_dist": True}  # mean over ranks
+        self.log(f"{split}/loss", loss, on_step=on_step, **log)
         self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 

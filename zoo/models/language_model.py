@@ -34,6 +34,11 @@ class LanguageModel(RecurrentModule):
     a validation in the middle of an epoch does not disturb training). The carried training state is saved in the
     checkpoint, so a run resumed in the middle of an epoch continues exactly.
 
+    Data-parallel (W processes): each rank reads its own block of the rows and carries its own state; the metrics
+    are reduced over the ranks (`Perplexity` sums the log-likelihoods and counts), so val/test bpc equal the
+    single-process values; the checkpoint holds the carried state of all rows (gathered in rank order), and a run
+    resumed on any number of processes takes its own rows from it.
+
     Logs ``{split}/loss`` (nats per token), ``{split}/bpc`` (bits per token: per character at character level) and
     ``{split}/ppl`` (perplexity, through `torchmetrics.text.Perplexity` for val and test).
 
@@ -99,8 +104,9 @@ class LanguageModel(RecurrentModule):
         self._states[split] = _detach(state)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         if split == "train":
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.numel())
-            self.log("train/bpc", loss / math.log(2), on_step=True, on_epoch=True, batch_size=y.numel())
+            log = {"on_step": True, "on_epoch": True, "batch_size": y.numel(), "sync_dist": True}
+            self.log("train/loss", loss, prog_bar=True, **log)
+            self.log("train/bpc", loss / math.log(2), **log)
         else:
             self.perplexity[f"{split}_ppl"].update(logits, y)
         return loss
@@ -109,10 +115,10 @@ class LanguageModel(RecurrentModule):
         metric = self.perplexity[f"{split}_ppl"]
         if not metric.update_called:
             return
-        ppl = metric.compute()
-        self.log(f"{split}/ppl", ppl)
-        self.log(f"{split}/loss", ppl.log(), prog_bar=split == "val")
-        self.log(f"{split}/bpc", ppl.log2(), prog_bar=True)
+        ppl = metric.compute()  # over all ranks already: the sync_dist mean leaves it as it is
+        self.log(f"{split}/ppl", ppl, sync_dist=True)
+        self.log(f"{split}/loss", ppl.log(), prog_bar=split == "val", sync_dist=True)
+        self.log(f"{split}/bpc", ppl.log2(), prog_bar=True, sync_dist=True)
         metric.reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -155,16 +161,27 @@ class LanguageModel(RecurrentModule):
 
     # ------------------------------------------------------------------------------------------------ the checkpoint
 
+    def _world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the carried training state (plain tensors) and the vocabulary (a list of str)."""
+        """Save the carried training state of all rows (plain tensors) and the vocabulary (a list of str)."""
         state = self._states["train"]
         if state is not None:
-            state = [state.cpu()] if isinstance(state, Tensor) else [s.cpu() for s in state]
+            parts = [state] if isinstance(state, Tensor) else list(state)
+            if self._world()[1] > 1:  # every rank saves (Lightning writes rank 0's): gather the rows in rank order
+                parts = [torch.cat(list(self.all_gather(p)), dim=1) for p in parts]
+            state = [p.cpu() for p in parts]
         checkpoint["carried_state"] = state
         checkpoint["vocab"] = self.vocab
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("carried_state")
+        if state is not None:
+            rank, world = self._world()
+            rows, rest = divmod(state[0].shape[1], world)  # (rest: the rows do not split; nothing to continue)
+            state = None if rest else [p[:, rank * rows : (rank + 1) * rows] for p in state]
         if state is not None:
             state = state[0] if len(state) == 1 else tuple(state)
         self._states["train"] = state
