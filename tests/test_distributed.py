@@ -79,7 +79,7 @@ def test_language_model_on_two_ranks_equals_one_rank(tmp_path: Path, text: Path)
         "--model.variant=bn_lstm",
         "--model.hidden_size=16",
     ]
-    lm.append("--trainer.limit_val_batches=3")
+    lm.append("--trainer.limit_val_batches=3")  # (and validate: the same batches as fit)
     fit = [*lm, "--trainer.max_steps=4", "--trainer.val_check_interval=2"]
     _train(tmp_path, "fit", *fit, "--name=one")
     _train(tmp_path, "fit", *fit, "--name=two", devices=2)
@@ -93,11 +93,13 @@ def test_language_model_on_two_ranks_equals_one_rank(tmp_path: Path, text: Path)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
     ckpt = str(tmp_path / "runs/two/checkpoints/last.ckpt")
-    for devices in (1, 2):
-        _train(tmp_path, "validate", *lm, f"--ckpt_path={ckpt}", f"--name=val{devices}", devices=devices)
-    bpc = [_metric(tmp_path / f"runs/val{devices}", "val/bpc") for devices in (1, 2)]
-    assert bpc[0] == pytest.approx(bpc[1], rel=1e-6)
-    assert bpc[0] == pytest.approx(_metric(tmp_path / "runs/two", "val/bpc"), rel=1e-6)  # as logged in the fit
+    for split, command in (("val", "validate"), ("test", "test")):
+        for devices in (1, 2):
+            _train(tmp_path, command, *lm, f"--ckpt_path={ckpt}", f"--name={split}{devices}", devices=devices)
+        bpc = [_metric(tmp_path / f"runs/{split}{devices}", f"{split}/bpc") for devices in (1, 2)]
+        assert bpc[0] == pytest.approx(bpc[1], rel=1e-6)
+    assert bpc[0] != pytest.approx(_metric(tmp_path / "runs/val1", "val/bpc"), rel=1e-6)  # two different splits
+    assert _metric(tmp_path / "runs/val1", "val/bpc") == pytest.approx(_metric(tmp_path / "runs/two", "val/bpc"))
 
 
 @pytest.mark.skipif(not (DATA / "digits").is_dir(), reason=f"shared data not found at {DATA / 'digits'}")
