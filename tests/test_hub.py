@@ -401,3 +401,12 @@ def test_a_published_digits_model_reproduces_its_card_with_train_py_test(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     row = next(line for line in done.stdout.splitlines() if "test/acc" in line)
     assert float(row.split()[-1]) == pytest.approx(card.metrics["test/acc"], abs=1e-7)
+
+
+def test_a_published_language_model_reproduces_its_card_and_writes_text() -> None:
+    model = hub.load_pretrained("shakespeare-lstm")
+    assert model.card.metric == "test/bpc" and model.vocab is not None and len(model.vocab) == 65
+    metrics = hub.evaluate(model, data_dir=str(DATA / "tinyshakespeare"))
+    assert metrics["test/bpc"] == pytest.approx(model.card.metrics["test/bpc"], rel=1e-5)
+    text = model.sample(100, prompt="ROMEO:\n", temperature=0.8, seed=0)
+    assert isinstance(text, str) and len(text) == 100 and set(text) <= set(model.vocab)
