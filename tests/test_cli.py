@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from zoo.cli import ZooCLI
 
@@ -137,7 +138,11 @@ def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path, mo
     args = ["--trainer.default_root_dir", str(tmp_path), "--data.data_dir", str(DATA / "digits")]
     cli = ZooCLI(args=["--config", str(ROOT / "configs/quickstart.yaml"), *args], run=False)
     assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == ("val/acc", "max")
-    assert cli.trainer.checkpoint_callback.save_last is True
+    best = cli.trainer.checkpoint_callback
+    latest = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint) and c is not best]
+    # last.ckpt is the latest state at every save (its own callback), not only when a new best is saved
+    assert best.save_last is False and len(latest) == 1
+    assert (latest[0].monitor, latest[0].filename, latest[0].dirpath) == (None, "last", best.dirpath)
     cli = ZooCLI(
         args=["--config", str(ROOT / "configs/quickstart.yaml"), *args, "--checkpoint.monitor=val/loss"], run=False
     )

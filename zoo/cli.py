@@ -170,6 +170,22 @@ class ZooCLI(LightningCLI):
         elif cfg.init_from:
             hub.load_into(self.model, hub.read_published(cfg.init_from))
         callbacks = self.trainer.callbacks
+        best = self.trainer.checkpoint_callback
+        if best is not None and best.save_last is True:
+            # Lightning 2.6 writes last.ckpt only when a new best is saved; keep the latest state at every save instead
+            best.save_last = False
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=best.dirpath,
+                    filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
+                    monitor=None,
+                    enable_version_counter=False,
+                    every_n_train_steps=best._every_n_train_steps,
+                    every_n_epochs=best._every_n_epochs,
+                    train_time_interval=best._train_time_interval,
+                    save_on_train_epoch_end=best._save_on_train_epoch_end,
+                )
+            )
         if not any(isinstance(c, ExactResume) for c in callbacks):
             callbacks.append(ExactResume())
         if self.trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
