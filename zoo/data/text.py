@@ -579,7 +579,7 @@ class MahoneyCorpus(LanguageModelingData):
             archive = ensure_file(*self.files()[0])
             try:
                 with zipfile.ZipFile(archive) as z, z.open(self.name) as src:
-                    part = raw.with_name(raw.name + ".part")
+                    part = raw.with_name(f"{raw.name}.{os.getpid()}.part")  # one per process (DDP ranks)
                     part.write_bytes(src.read())
             except (zipfile.BadZipFile, KeyError) as e:
                 raise DataError(f"{archive}: not a zip holding {self.name!r} ({e})") from e
@@ -652,7 +652,9 @@ class HFText(LanguageModelingData):
         super().__init__(batch_size, bptt, num_workers, eval_batch_size)
         self.save_hyperparameters()
         self.path, self.name, self.text_column, self.level = path, name, text_column, level
-        self.split_names = splits or {"train": "train", "valid": "validation", "test": "test"}
+        self.split_names = {"train": "train", "valid": "validation", "test": "test", **(splits or {})}
+        if set(self.split_names) != set(SPLITS):
+            raise ValueError(f"splits maps {', '.join(SPLITS)} to the dataset's split names, got {splits}")
         self.data_files, self.load_kwargs = data_files, dict(load_kwargs or {})
 
     def files(self) -> list[tuple[Path, str | None, str | None]]:

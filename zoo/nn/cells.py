@@ -176,6 +176,11 @@ class _NormalizedLSTMCell(LSTMCell):
         self.bias = nn.Parameter(torch.empty(self.num_gates * hidden_size)) if bias else None
         self._reset_bias()
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # the weights (called once before the bias exists, from LSTMCell.__init__)
+        if getattr(self, "bias", None) is not None:
+            self._reset_bias()
+
     def _reset_bias(self) -> None:
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -250,6 +255,8 @@ class BNLSTMCell(_NormalizedLSTMCell):
         for w in (self.weight_ih, self.weight_hh):
             for block in w.data.chunk(self.num_gates, dim=0):
                 nn.init.orthogonal_(block)
+        if getattr(self, "bias", None) is not None:
+            self._reset_bias()
 
     def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return self.bn_ih(x, mask)
