@@ -463,7 +463,9 @@ class BNIndRNNCell(RecurrentCell):
     ``"input"`` normalizes the input term, h_t = ReLU(BN(W x_t) + u ⊙ h_{t-1} + b); ``"output"`` (the paper's stacked
     models) normalizes the layer's output, BN(h_t), while the recurrence carries the unnormalized h_t. Statistics are
     over all valid batch x time positions. |u| is kept within ``recurrent_max`` (default ``magnitude ** (1 /
-    max_steps)``, the paper's MAG^(1/T)) by projecting u after every update, as the paper clips it; u starts U(0, 1).
+    max_steps)``, the paper's MAG^(1/T)) by projecting u at the start of every training forward (so after each
+    optimizer update, as the paper clips it; the weights saved after the last update may still exceed it until the
+    next training forward); u starts U(0, 1).
     ``sync_bn``: synchronize the statistics over data-parallel processes (`MaskedBatchNorm`'s ``sync``).
     """
 
