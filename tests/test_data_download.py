@@ -1,46 +1,16 @@
 """Downloads of every DataModule from a local HTTP server: verified, cached, and nothing kept when a file is bad."""
 
 import gzip
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from localserver import serve
 
 from zoo.data import DataError, PennTreebank, SequentialDigits, SequentialMNIST, TinyShakespeare, sha256sum
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no {DATA} to serve")
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    requests: list[str]
-
-    def do_GET(self) -> None:
-        self.requests.append(self.path)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextmanager
-def serve(root: Path) -> Iterator[tuple[str, list[str]]]:
-    """Serve ``root`` on 127.0.0.1 (a free port) in a thread; yield its URL and the list of the paths requested."""
-    requests: list[str] = []
-    handler = type("Handler", (_Handler,), {"requests": requests})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture(scope="module")

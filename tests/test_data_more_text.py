@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_download import serve
+from localserver import serve
 
 from zoo.data import DataError, Enwik8, HFText, Text8
 

@@ -4,20 +4,18 @@ from a published model."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from localserver import serve
 from safetensors.torch import load_file
 
 import zoo.hub as hub
@@ -242,14 +240,8 @@ def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A local HTTP server on 127.0.0.1 serving a fresh folder: (base URL, folder)."""
     folder = tmp_path / "www"
     folder.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    server.shutdown()
-    server.server_close()
+    with serve(folder) as (url, _):
+        yield url, folder
 
 
 def test_push_to_a_served_directory_then_pull_by_url_once(

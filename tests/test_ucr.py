@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import math
 import shutil
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from localserver import serve
 
 from zoo.data.download import DataError, sha256sum
 from zoo.data.ucr import KNOWN_SHA256, UCRArchive, collate_padded, interpolate_missing, read_ts, stratified_split
@@ -247,16 +245,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A local HTTP server on 127.0.0.1 serving ``tmp_path / "serve"``; yields (base url, folder)."""
     root = tmp_path / "serve"
     root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve(root) as (url, _):
+        yield url, root
 
 
 @needs_archive
