@@ -245,5 +245,10 @@ def main(args: list[str] | None = None) -> ZooCLI:
     ``--pretrained <model>`` expanded (`expand_pretrained`)."""
     if args is None:
         sys.argv[1:] = expand_pretrained(sys.argv[1:])
-        return ZooCLI()
-    return ZooCLI(args=expand_pretrained(list(args)))
+        cli = ZooCLI()
+    else:
+        cli = ZooCLI(args=expand_pretrained(list(args)))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning leaves the process group up; gloo's threads then abort the process at exit now and then (SIGABRT)
+        torch.distributed.destroy_process_group()
+    return cli
