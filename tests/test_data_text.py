@@ -297,3 +297,17 @@ def test_not_utf8(tmp_path: Path) -> None:
     path.write_bytes("abc\ndéf\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.txt, line 2: not valid UTF-8"):
         _ = TextFile(str(path)).dims
+
+
+def test_eval_bptt_lengthens_only_the_evaluation_windows(tmp_path: Path) -> None:
+    path = tmp_path / "long.txt"
+    path.write_text("abcdefghij" * 200)  # 2000 characters: 1800 / 100 / 100
+    dm = TextFile(str(path), batch_size=2, bptt=10, eval_batch_size=1, eval_bptt=40)
+    train_x, _ = next(iter(dm.train_dataloader()))
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (1, 40) and torch.equal(x[0, 1:], y[0, :-1])
+    assert train_x.shape == (2, 10)
+    assert dm.dims["max_steps"] == 10  # T_max stays the training length
+    with pytest.raises(ValueError, match="eval_bptt must be positive"):
+        TextFile(str(path), eval_bptt=0)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch.utils.data import DataLoader
 
 
@@ -121,3 +122,48 @@ class ExactResume(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_state(state_dict["rng"])
+
+
+class TrainClock(L.Callback):
+    """Log the wall-clock seconds spent training so far as ``time/train_s`` with every validation.
+
+    Validation (and the sanity check) is left out of the clock, so the figure is the cost of the training steps
+    alone; it is saved in checkpoints, so a resumed fit continues the count. For curves of a validation metric against
+    training time (`zoo.study`).
+    """
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+        self._since: float | None = None
+
+    def _start(self) -> None:
+        self._since = time.perf_counter()
+
+    def _stop(self) -> None:
+        if self._since is not None:
+            self.elapsed += time.perf_counter() - self._since
+            self._since = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log("time/train_s", self.elapsed, sync_dist=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._start()
+
+    def state_dict(self) -> dict[str, Any]:
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return {"elapsed": self.elapsed + running}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.elapsed = float(state_dict["elapsed"])

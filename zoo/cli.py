@@ -252,3 +252,7 @@ def main(args: list[str] | None = None) -> ZooCLI:
         # Lightning leaves the process group up; gloo's threads then abort the process at exit now and then (SIGABRT)
         torch.distributed.destroy_process_group()
     return cli
+
+
+if __name__ == "__main__":  # python -m zoo.cli fit --config ... (what train.py runs)
+    main()

@@ -203,22 +203,32 @@ class LanguageModelingData(L.LightningDataModule):
     loading happens once, lazily, on the first access to `dims`, `vocab`, `streams` or `setup`. Batches are ``(x, y)``,
     LongTensors (B, T) with ``T <= bptt``, y being x shifted by one symbol. ``eval_batch_size`` (default ``batch_size``)
     is the number of rows of the validation and test streams. Both are global: with W processes each serves its block
-    of B / W rows (W must divide them).
+    of B / W rows (W must divide them). ``eval_bptt`` (default ``bptt``) is the window length of validation and test:
+    longer windows test a model on sequences longer than it was trained on (``dims["max_steps"]``, the T_max of the
+    per-step batch norms, stays the training length ``bptt``).
     """
 
     level = "char"
     unk: str | None = None  # the symbol that replaces unknown ones in valid/test; None: an unknown symbol is an error
 
     def __init__(
-        self, batch_size: int = 32, bptt: int = 100, num_workers: int = 0, eval_batch_size: int | None = None
+        self,
+        batch_size: int = 32,
+        bptt: int = 100,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+        eval_bptt: int | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or bptt < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError(f"batch_size, bptt and eval_batch_size must be positive, got {batch_size}, {bptt}")
+        sizes = {"batch_size": batch_size, "bptt": bptt, "eval_batch_size": eval_batch_size, "eval_bptt": eval_bptt}
+        bad = {k: v for k, v in sizes.items() if v is not None and v < 1}
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be positive, got {', '.join(str(v) for v in bad.values())}")
         self.batch_size = batch_size
         self.bptt = bptt
         self.num_workers = num_workers
         self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_bptt = eval_bptt or bptt
         self._vocab: list[str] | None = None
         self._streams: dict[str, torch.Tensor] = {}
         self._stoi: dict[str, int] = {}
@@ -280,7 +290,8 @@ class LanguageModelingData(L.LightningDataModule):
             name = "batch_size" if split == "train" else "eval_batch_size"
             raise ValueError(f"{name}={rows} rows cannot be split evenly over {world} processes: use a multiple")
         try:
-            return BPTTWindows(self.streams[split], rows, self.bptt, rank, world)
+            length = self.bptt if split == "train" else self.eval_bptt
+            return BPTTWindows(self.streams[split], rows, length, rank, world)
         except ValueError as e:
             files = ", ".join(str(p) for p, _, _ in self.files())
             raise DataError(f"{files}: the {split} split is too small: {e}") from e
@@ -365,11 +376,12 @@ class PennTreebank(LanguageModelingData):
         bptt: int = 100,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        eval_bptt: int | None = None,
         base_url: str | None = None,
     ) -> None:
         if level not in ("char", "word"):
             raise ValueError(f"level must be 'char' or 'word', got {level!r}")
-        super().__init__(batch_size, bptt, num_workers, eval_batch_size)
+        super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.level = level
@@ -482,12 +494,13 @@ class TextFile(LanguageModelingData):
         bptt: int = 100,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        eval_bptt: int | None = None,
     ) -> None:
         if level not in ("char", "word"):
             raise ValueError(f"level must be 'char' or 'word', got {level!r}")
         if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6:
             raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
-        super().__init__(batch_size, bptt, num_workers, eval_batch_size)
+        super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
         self.path = Path(path)
         self.level = level
@@ -520,9 +533,10 @@ class TinyShakespeare(LanguageModelingData):
         bptt: int = 100,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        eval_bptt: int | None = None,
         base_url: str | None = None,
     ) -> None:
-        super().__init__(batch_size, bptt, num_workers, eval_batch_size)
+        super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.base_url = (base_url or self.base_url).rstrip("/")
@@ -557,11 +571,12 @@ class MahoneyCorpus(LanguageModelingData):
         bptt: int = 180,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        eval_bptt: int | None = None,
         base_url: str | None = None,
         zip_sha256: str | None = None,
         raw_sha256: str | None = None,
     ) -> None:
-        super().__init__(batch_size, bptt, num_workers, eval_batch_size)
+        super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir or f"data/{self.name}")
         self.base_url = (base_url or self.base_url).rstrip("/")
@@ -646,10 +661,11 @@ class HFText(LanguageModelingData):
         bptt: int = 100,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        eval_bptt: int | None = None,
     ) -> None:
         if level not in ("char", "word"):
             raise ValueError(f"level must be 'char' or 'word', got {level!r}")
-        super().__init__(batch_size, bptt, num_workers, eval_batch_size)
+        super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
         self.path, self.name, self.text_column, self.level = path, name, text_column, level
         self.split_names = {"train": "train", "valid": "validation", "test": "test", **(splits or {})}
