@@ -1,0 +1,262 @@
+"""The report of a study: a Markdown page with, per experiment and task, a table of the arms (mean ± std over seeds)
+and its plots, built from the study directory's ``plan.yaml``, ``results.csv`` and the runs' ``curve.csv``.
+
+    write_report(Path("runs/study"))                         # runs/study/report.md, plots in runs/study/report/
+    write_report(Path("runs/study"), Path("docs/study.md"))  # docs/study.md, plots and results.csv in docs/study/
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import matplotlib
+import yaml
+
+from zoo.study.plan import slug
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DASH = "–"
+UNITS = {"bpc": "bits/char", "acc": "fraction correct", "accuracy": "fraction correct"}
+Curve = list[tuple[float, float, float]]  # (step, training seconds or nan, monitored value)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a metric (``test/acc``, ``val/bpc``) is better higher: accuracies are; losses and errors are not."""
+    return metric.rsplit("/", 1)[-1].lower().endswith(("acc", "accuracy"))
+
+
+def axis_label(metric: str) -> str:
+    """``val/bpc`` -> ``val/bpc (bits/char, lower is better)``."""
+    unit = UNITS.get(metric.rsplit("/", 1)[-1].lower())
+    better = "higher is better" if higher_is_better(metric) else "lower is better"
+    return f"{metric} ({unit}, {better})" if unit else f"{metric} ({better})"
+
+
+def mean_std(values: list[float], bold: bool = False) -> str:
+    """``1.234 ± 0.012`` (the sample std over seeds; one value alone; none as a dash), the mean in bold if ``bold``."""
+    if not values:
+        return DASH
+    mean = f"{statistics.fmean(values):.3f}"
+    mean = f"**{mean}**" if bold else mean
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f}"
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _values(rows: list[dict[str, str]], column: str) -> list[float]:
+    return [v for v in (_float(r.get(column)) for r in rows) if v is not None]
+
+
+def _load(study_dir: Path) -> tuple[dict[str, Any], list[dict[str, str]], list[str]]:
+    """The raw plan, the rows of ``results.csv`` and its columns."""
+    plan_path, results_path = study_dir / "plan.yaml", study_dir / "results.csv"
+    for path in (plan_path, results_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: not a study directory, or the study has not run yet")
+    plan = yaml.safe_load(plan_path.read_text())
+    if not isinstance(plan, dict) or not isinstance(plan.get("experiments"), dict):
+        raise ValueError(f"{plan_path} is not a study plan (a mapping with experiments)")
+    with results_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    return plan, rows, list(reader.fieldnames or [])
+
+
+def _colors(plan: dict[str, Any], rows: list[dict[str, str]]) -> dict[str, Any]:
+    """One color per arm label, the same in every plot of the report."""
+    labels = [str(arm) for exp in plan["experiments"].values() for arm in (exp or {}).get("arms") or {}]
+    labels = list(dict.fromkeys(labels + [r["arm"] for r in rows]))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def _read_curve(path: Path, monitor: str) -> Curve:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        points = [(_float(r.get("step")), _float(r.get("train_s")), _float(r.get(monitor))) for r in csv.DictReader(f)]
+    return [(step, float("nan") if t is None else t, v) for step, t, v in points if step is not None and v is not None]
+
+
+def _aggregate(curves: list[Curve]) -> tuple[list[float], ...]:
+    """Per step over seeds: steps, mean training seconds, mean, min and max of the monitored value."""
+    by_step: dict[float, list[tuple[float, float]]] = defaultdict(list)
+    for points in curves:
+        for step, seconds, value in points:
+            by_step[step].append((seconds, value))
+    steps = sorted(by_step)
+    times = [statistics.fmean(t for t, _ in by_step[s]) for s in steps]  # nan where a seed has no clock
+    values = [[v for _, v in by_step[s]] for s in steps]
+    return steps, times, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def plot_curves(curves: dict[str, list[Curve]], monitor: str, title: str, colors: dict[str, Any], path: Path) -> None:
+    """The monitored validation metric against steps (left) and training seconds (right), one line per arm (mean over
+    seeds, shaded min–max)."""
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True, layout="constrained")
+    for arm, arm_curves in curves.items():
+        steps, times, mean, low, high = _aggregate(arm_curves)
+        for ax, x in ((by_step, steps), (by_time, times)):
+            ax.plot(x, mean, color=colors[arm], marker="o", markersize=3, label=arm)
+            if len(arm_curves) > 1:
+                ax.fill_between(x, low, high, color=colors[arm], alpha=0.2, linewidth=0)
+    by_step.set(xlabel="training step", ylabel=axis_label(monitor), title="against steps")
+    by_time.set(xlabel="training time (s)", title="against training seconds")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: validation {monitor} (mean over seeds, band: min–max)")
+    fig.legend(*by_step.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(curves), 6))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_test(values: dict[str, list[float]], metric: str, title: str, colors: dict[str, Any], path: Path) -> None:
+    """The test metric per arm: the mean as a line with its value, each seed as a dot."""
+    arms = [arm for arm, v in values.items() if v]
+    fig, ax = plt.subplots(figsize=(min(8.0, 2.5 + 1.2 * len(arms)), 3.5), layout="constrained")
+    for i, arm in enumerate(arms):
+        seeds, mean = values[arm], statistics.fmean(values[arm])
+        ax.hlines(mean, i - 0.3, i + 0.3, color=colors[arm], linewidth=2.5)
+        ax.annotate(f"{mean:.3f}", (i + 0.32, mean), va="center", fontsize=8)
+        offsets = [0.0] if len(seeds) == 1 else [-0.15 + 0.3 * k / (len(seeds) - 1) for k in range(len(seeds))]
+        ax.scatter([i + o for o in offsets], seeds, color=colors[arm], edgecolor="black", linewidth=0.5, zorder=3)
+    ax.set_xticks(range(len(arms)), arms, rotation=20 if max(len(a) for a in arms) > 10 else 0)
+    ax.set_xlim(-0.6, len(arms) - 0.2)
+    ax.set(ylabel=axis_label(metric), title=f"{title}: {metric} (line: mean, dots: seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table(
+    arms: list[str], rows: list[dict[str, str]], monitor: str, metric: str, evals: list[str], published: dict
+) -> list[str]:
+    """The Markdown table of one experiment's task: a row per arm."""
+    by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in arms}
+    done = {arm: [r for r in arm_rows if r["status"] == "done"] for arm, arm_rows in by_arm.items()}
+    means = {arm: statistics.fmean(v) for arm in arms if (v := _values(done[arm], metric))}
+    best = (max if higher_is_better(metric) else min)(means.values()) if means else None
+    header = ["arm", "runs done", "steps", "training s per run", "ms per step", f"best {monitor}", metric, *evals]
+    lines = ["| " + " | ".join([*header, "published"]) + " |", "|" + "---|" * (len(header) + 1)]
+    for arm in arms:
+        runs = done[arm]
+        failed = sum(r["status"] == "failed" for r in by_arm[arm])
+        count = f"{len(runs)}/{len(by_arm[arm])}" + (f" ({failed} failed)" if failed else "")
+        steps = sorted({int(s) for s in _values(runs, "steps")})
+        steps_text = DASH if not steps else str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+        train_s = _values(runs, "train_s")
+        ms = [1000 * t / s for r in runs if (t := _float(r.get("train_s"))) is not None and (s := _float(r["steps"]))]
+        entry = (published or {}).get(arm)
+        cells = [
+            arm,
+            count,
+            steps_text,
+            f"{statistics.fmean(train_s):.1f}" if train_s else DASH,
+            f"{statistics.fmean(ms):.1f}" if ms else DASH,
+            mean_std(_values(runs, "best_val")),
+            mean_std(_values(runs, metric), bold=arm in means and means[arm] == best),
+            *(mean_std(_values(runs, column)) for column in evals),
+            f"{entry['value']} ({entry['source']})" if entry else DASH,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _task_section(
+    study_dir: Path,
+    exp_name: str,
+    exp: dict[str, Any],
+    task_name: str,
+    task: dict[str, Any],
+    rows: list[dict[str, str]],
+    columns: list[str],
+    colors: dict[str, Any],
+    fig_dir: Path,
+) -> list[str]:
+    """The Markdown of one task of an experiment: its table and plots (written into ``fig_dir``)."""
+    title = str(task.get("title", task_name))
+    lines = [f"### {title} (`{task_name}`)", ""]
+    rows = [r for r in rows if r["experiment"] == exp_name and r["task"] == task_name]
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        return lines + [f"No finished runs yet ({len(rows)} pending or failed).", ""]
+    monitor = done[0]["monitor"]
+    metric = task.get("metric") or "test/" + monitor.split("/", 1)[-1]
+    evals = [f"{label}: {metric}" for label in task.get("evals") or {} if f"{label}: {metric}" in columns]
+    arms = list(dict.fromkeys([*map(str, exp.get("arms") or {}), *(r["arm"] for r in rows)]))
+    published = (exp.get("published") or {}).get(task_name) or {}
+    lines += _table(arms, rows, monitor, metric, evals, published) + [""]
+
+    stem = f"{slug(exp_name)}_{slug(task_name)}"
+    curves: dict[str, list[Curve]] = {}
+    for row in done:
+        points = _read_curve(study_dir / row["run_dir"] / "curve.csv", monitor)
+        if points:
+            curves.setdefault(row["arm"], []).append(points)
+    if curves:
+        plot_curves(curves, monitor, title, colors, fig_dir / f"{stem}_curves.png")
+        lines += [f"![{title}: validation {monitor}]({quote(fig_dir.name)}/{stem}_curves.png)", ""]
+    tests = {arm: _values([r for r in done if r["arm"] == arm], metric) for arm in arms}
+    if any(tests.values()):
+        plot_test(tests, metric, title, colors, fig_dir / f"{stem}_test.png")
+        lines += [f"![{title}: {metric} per arm]({quote(fig_dir.name)}/{stem}_test.png)", ""]
+    return lines
+
+
+def write_report(study_dir: Path, dest: Path | None = None, plan_path: str = "configs/study/plan.yaml") -> Path:
+    """Write the study's Markdown report to ``dest`` (default ``<study_dir>/report.md``), its plots and a copy of
+    ``results.csv`` into ``<dest.parent>/<dest.stem>/``; return the report's path. ``plan_path`` is the plan named in
+    the report's "How this was made"."""
+    study_dir = Path(study_dir)
+    plan, rows, columns = _load(study_dir)
+    dest = Path(dest) if dest is not None else study_dir / "report.md"
+    fig_dir = dest.parent / dest.stem
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(study_dir / "results.csv", fig_dir / "results.csv")
+    colors = _colors(plan, rows)
+
+    runs = {(r["task"], r["arm"], r["seed"]): r["status"] for r in rows}  # a run shared by experiments counts once
+    counts = {s: sum(v == s for v in runs.values()) for s in ("done", "pending", "failed")}
+    seeds = ", ".join(str(s) for s in plan.get("seeds", []))
+    lines = [f"# {plan.get('title', 'Study')}", ""]
+    lines += [str(plan["description"]).strip(), ""] if plan.get("description") else []
+    lines += [
+        f"Seeds: {seeds}. Runs: {len(runs)} ({counts['done']} done, {counts['pending']} pending, "
+        f"{counts['failed']} failed). Every number is the mean ± sample standard deviation over the seeds "
+        f"([results.csv]({quote(fig_dir.name)}/results.csv)).",
+        "",
+    ]
+    tasks = plan.get("tasks") or {}
+    for exp_name, exp in plan["experiments"].items():
+        exp = exp or {}
+        lines += [f"## {exp.get('title', exp_name)}", ""]
+        lines += [f"**{str(exp['question']).strip()}**", ""] if exp.get("question") else []
+        lines += [str(exp["description"]).strip(), ""] if exp.get("description") else []
+        for task_name in exp.get("tasks") or []:
+            task = tasks.get(task_name) or {}
+            lines += _task_section(study_dir, exp_name, exp, task_name, task, rows, columns, colors, fig_dir)
+
+    out = f" --out {dest}" if dest != study_dir / "report.md" else ""
+    lines += [
+        "## How this was made",
+        "",
+        "```",
+        f"python -m zoo.study {plan_path}",
+        f"python -m zoo.study report {study_dir}{out}",
+        "```",
+        "",
+        "Times are wall-clock training seconds (validation excluded) on the machine that ran the study.",
+        "",
+    ]
+    dest.write_text("\n".join(lines))
+    return dest
