@@ -214,17 +214,32 @@ def _step_bn(bn: MaskedBatchNorm, x: Tensor, t: int, mask: Tensor | None) -> Ten
     return bn(x.unsqueeze(0), None if mask is None else mask.unsqueeze(0), start=t).squeeze(0)
 
 
+BN_STATISTICS = ("per_step", "shared")
+
+
 class BNLSTMCell(_NormalizedLSTMCell):
     """Recurrent Batch Normalization (Cooijmans et al. 2016, eqs. 6-8).
 
     i, f, g, o = BN(W_h h_{t-1}; γ_h, 0) + BN(W_x x_t; γ_x, 0) + b;  c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g);
-    h_t = σ(o) ⊙ tanh(BN(c_t; γ_c, β_c)).  The unnormalized c_t is carried. Every BN keeps separate running statistics
-    for each time step t < ``max_steps`` (T_max) with γ, β shared over time (``past_max_steps``: see `MaskedBatchNorm`).
+    h_t = σ(o) ⊙ tanh(BN(c_t; γ_c, β_c)).  The unnormalized c_t is carried. γ, β are shared over time.
     γ starts at ``gamma`` (0.1), β at 0, the forget-gate bias at 1; W_x and W_h are orthogonal per gate block, as in the
     official code. ``init_noise`` > 0 adds Gaussian noise of that std to the initial hidden state in training (the
     paper does so on sequential MNIST, whose first pixels are constant). ``sync_bn``: synchronize the statistics over
     data-parallel processes (`MaskedBatchNorm`'s ``sync``; the step loop runs then, the fused recurrence has no
     all-reduce).
+
+    Two options for ablations:
+
+    - ``statistics``: ``"per_step"`` (the paper, sec. 3-4): every BN keeps separate running statistics for each time
+      step t < ``max_steps`` (T_max) and training normalizes step t with that step's batch statistics
+      (``past_max_steps``: see `MaskedBatchNorm`). ``"shared"``: every BN keeps one set of statistics for all steps
+      (the "single BN" of naive implementations): BN(W_x x) normalizes with the statistics of all valid batch x time
+      positions; BN(W_h h_{t-1}) and BN(c_t), which inside the recurrence see only step t, normalize in training with
+      the batch statistics of step t's valid rows and update the one running mean and variance at every step;
+      evaluation uses the one running set at every step, for any length. ``max_steps`` and ``past_max_steps`` are then
+      ignored.
+    - ``recurrent_bn``: ``False`` normalizes the input term only, i, f, g, o = BN(W_x x_t; γ_x, 0) + W_h h_{t-1} + b
+      and h_t = σ(o) ⊙ tanh(c_t) (no ``bn_hh``, ``bn_c``: they are None).
     """
 
     def __init__(
@@ -240,16 +255,24 @@ class BNLSTMCell(_NormalizedLSTMCell):
         init_noise: float = 0.0,
         forget_bias: float = 1.0,
         sync_bn: bool | None = None,
+        statistics: str = "per_step",
+        recurrent_bn: bool = True,
     ) -> None:
+        if statistics not in BN_STATISTICS:
+            raise ValueError(f"statistics must be one of {BN_STATISTICS}, got {statistics!r}")
         super().__init__(input_size, hidden_size, bias, forget_bias)
+        self.statistics = statistics
+        self.recurrent_bn = bool(recurrent_bn)
         g = self.num_gates * hidden_size
-        bn = dict(
-            max_steps=max_steps, gamma=gamma, momentum=momentum, eps=eps, past_max_steps=past_max_steps, sync=sync_bn
-        )
+        steps = max_steps if statistics == "per_step" else None
+        bn = dict(max_steps=steps, gamma=gamma, momentum=momentum, eps=eps, past_max_steps=past_max_steps, sync=sync_bn)
         self.bn_ih = MaskedBatchNorm(g, bias=False, **bn)
-        self.bn_hh = MaskedBatchNorm(g, bias=False, **bn)
-        self.bn_c = MaskedBatchNorm(hidden_size, bias=True, **bn)
+        self.bn_hh = MaskedBatchNorm(g, bias=False, **bn) if self.recurrent_bn else None
+        self.bn_c = MaskedBatchNorm(hidden_size, bias=True, **bn) if self.recurrent_bn else None
         self.init_noise = init_noise
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, statistics={self.statistics!r}, recurrent_bn={self.recurrent_bn}"
 
     def reset_parameters(self) -> None:
         for w in (self.weight_ih, self.weight_hh):
@@ -262,16 +285,17 @@ class BNLSTMCell(_NormalizedLSTMCell):
         return self.bn_ih(x, mask)
 
     def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return _step_bn(self.bn_hh, x, t, mask)
+        return x if self.bn_hh is None else _step_bn(self.bn_hh, x, t, mask)
 
     def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return _step_bn(self.bn_c, c, t, mask)
+        return c if self.bn_c is None else _step_bn(self.bn_c, c, t, mask)
 
     def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
         return self.bn_hh, self.bn_c
 
     def can_fuse(self) -> bool:
-        return not (self.training and self.bn_hh.synchronized)
+        # the fused recurrence has no all-reduce; the input term's BN runs outside it, synchronized or not
+        return not (self.training and self.bn_hh is not None and self.bn_hh.synchronized)
 
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         if self.training and self.init_noise > 0:

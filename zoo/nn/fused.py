@@ -95,7 +95,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 class StepNorm:
     """One normalization inside the recurrence, applied step by step without autograd.
 
-    ``kind``: "none", "ln" (LayerNorm), "rms" (RMSNorm) or "bn" (`MaskedBatchNorm` with per-step statistics).
+    ``kind``: "none", "ln" (LayerNorm), "rms" (RMSNorm) or "bn" (`MaskedBatchNorm`). A batch norm with per-step
+    statistics uses row t of its running statistics at step t (the last row past ``max_steps``); one with shared
+    statistics (``max_steps=None``) uses its single row at every step: training normalizes each step with that step's
+    batch statistics and moves the one running set at every step, evaluation reads it at every step.
     ``scale`` (a vector over the features, or None) multiplies the output in the forward pass only: the doubled
     candidate block of the sigmoid trick, at no extra kernel. ``shift`` (a tensor or None) is a bias added after the
     normalization (the GRU's b_hn, which the reset gate multiplies); its gradient is the caller's.
@@ -108,7 +111,7 @@ class StepNorm:
             self.kind = "ln"
         elif isinstance(module, nn.RMSNorm):
             self.kind = "rms"
-        elif isinstance(module, MaskedBatchNorm) and module.per_step:
+        elif isinstance(module, MaskedBatchNorm):
             self.kind = "bn"
         else:
             raise TypeError(f"no fused path for {module!r}")
@@ -139,7 +142,8 @@ class StepNorm:
         self.dw = self.db = None
         if self.kind == "bn" and not self.module.training:
             bn: MaskedBatchNorm = self.module
-            idx = torch.arange(steps, device=like.device).clamp(max=bn.max_steps - 1)
+            last = bn.max_steps - 1 if bn.per_step else 0  # shared statistics: the one row at every step
+            idx = torch.arange(steps, device=like.device).clamp(max=last)
             mean = bn.running_mean[idx].to(like.dtype)
             rstd = torch.rsqrt(bn.running_var[idx].to(like.dtype) + self.eps)
             self.eval_mean, self.eval_rstd = mean, rstd
@@ -165,9 +169,10 @@ class StepNorm:
         bn: MaskedBatchNorm = self.module
         if not bn.training:
             return torch.addcmul(self.eval_shift[t], z, self.eval_scale[t])
-        update = z.shape[0] >= 2 and t < bn.max_steps  # as the reference: < 2 rows leave the statistics alone
-        rm = bn.running_mean[t] if update else None
-        rv = bn.running_var[t] if update else None
+        row = t if bn.per_step else 0  # shared statistics: every step moves the one row
+        update = z.shape[0] >= 2 and row < bn.running_mean.shape[0]  # as the reference: < 2 rows leave them alone
+        rm = bn.running_mean[row] if update else None
+        rv = bn.running_var[row] if update else None
         y, mean, rstd = torch.native_batch_norm(z, self.fwd_weight, self.fwd_bias, rm, rv, True, bn.momentum, self.eps)
         self.stats.append((mean, rstd))
         return y

@@ -73,7 +73,7 @@ for _args in [
     ("gru", "plain GRU, equal to torch.nn.GRU (runs its kernel)", "Cho et al. 2014", GRUCell),
     (
         "bn_lstm",
-        "recurrent batch norm: BN of W_x x, W_h h and c_t, per-time-step statistics",
+        "recurrent batch norm: BN of W_x x, W_h h and c_t, per-time-step statistics (or shared; or input only)",
         "Cooijmans et al. 2016, arXiv:1603.09025",
         BNLSTMCell,
     ),

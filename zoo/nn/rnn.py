@@ -154,10 +154,21 @@ class RNN(nn.Module):
 
     def sync_steps(self, steps: int, device: torch.device) -> int:
         """The number of time steps to run: ``steps``, or the most steps of any rank when the network synchronizes
-        per-step batch statistics over processes (every rank must run as many steps, i.e. all-reduces)."""
+        batch statistics step by step over processes (per-step statistics, or a batch norm inside the recurrence even
+        with shared statistics): every rank must run as many steps, i.e. all-reduces."""
         if not self.training:
             return steps
-        if not any(isinstance(m, MaskedBatchNorm) and m.per_step and m.synchronized for m in self.modules()):
+        recurrent = {
+            id(m)
+            for cell in self.cells
+            if hasattr(cell, "recurrent_norms")
+            for m in cell.recurrent_norms()
+            if m is not None
+        }
+        if not any(
+            isinstance(m, MaskedBatchNorm) and (m.per_step or id(m) in recurrent) and m.synchronized
+            for m in self.modules()
+        ):
             return steps
         longest = torch.tensor([steps], device=device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
