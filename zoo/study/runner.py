@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -123,7 +124,7 @@ def curve(rows: list[dict[str, str]]) -> list[dict[str, float]]:
     return [points[s] for s in sorted(points)]
 
 
-def test_metrics(rows: list[dict[str, str]]) -> dict[str, float]:
+def last_test_metrics(rows: list[dict[str, str]]) -> dict[str, float]:
     """The last logged value of every ``test/*`` metric."""
     out: dict[str, float] = {}
     for row in rows:
@@ -155,6 +156,11 @@ def write_curve(path: Path, points: list[dict[str, float]]) -> None:
         writer.writerows(points)
 
 
+def _failed(rdir: Path, error: str) -> dict[str, Any]:
+    (rdir / "failed.txt").write_text(error + "\n")
+    return {"status": "failed", "error": error}
+
+
 def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
     """Run (or resume, or skip) one run and its evals; return its result (``status`` "done" or "failed")."""
     rdir = run_dir(out, run)
@@ -166,6 +172,7 @@ def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
     else:
         result = None
     rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "failed.txt").unlink(missing_ok=True)
     env = child_env(threads)
     log = rdir / "log.txt"
     if result is None:
@@ -175,7 +182,7 @@ def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
         total = wall + (float(spent.read_text()) if spent.exists() else 0.0)
         spent.write_text(f"{total:.3f}")
         if rc != 0:
-            return {"status": "failed", "error": f"fit exited with {rc}; see {log}"}
+            return _failed(rdir, f"fit exited with {rc}; see {log}")
         rows = read_metrics(rdir)
         points = curve(rows)
         write_curve(rdir / "curve.csv", points)
@@ -194,7 +201,7 @@ def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
             "monitor": monitor,
             "mode": mode,
             "best_val": best,
-            "test": test_metrics(rows),
+            "test": last_test_metrics(rows),
             "evals": {},
         }
     for label, overrides in run.evals:
@@ -206,8 +213,8 @@ def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
         cmd = eval_command(run, out, label, overrides, best_checkpoint(rdir / "checkpoints"))
         rc, _ = _call(cmd, log, env)
         if rc != 0:
-            return {"status": "failed", "error": f"eval {label!r} exited with {rc}; see {log}"}
-        result["evals"][label] = test_metrics(read_metrics(edir))
+            return _failed(rdir, f"eval {label!r} exited with {rc}; see {log}")
+        result["evals"][label] = last_test_metrics(read_metrics(edir))
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -220,7 +227,8 @@ def result_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
             path = run_dir(out, run) / "result.json"
             row: dict[str, Any] = {"experiment": exp.name, "task": run.task, "arm": run.arm, "seed": run.seed}
             if not path.exists():
-                rows.append({**row, "status": "pending"})
+                failed = (path.parent / "failed.txt").exists()
+                rows.append({**row, "status": "failed" if failed else "pending"})
                 continue
             result = json.loads(path.read_text())
             row.update({k: result.get(k) for k in RESULT_FIELDS if k not in row})
@@ -282,7 +290,7 @@ def run_plan(
                 if (rdir / "result.json").exists()
                 else ("resume" if (rdir / "checkpoints" / "last.ckpt").exists() else "pending")
             )
-            print(f"{state:8s} {run.key}: {' '.join(fit_command(run, out, state == 'resume')[2:])}")
+            print(f"{state:8s} {run.key}: python {shlex.join(fit_command(run, out, state == 'resume')[1:])}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.yaml").write_text(yaml.safe_dump(plan.raw, sort_keys=False))

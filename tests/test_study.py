@@ -1,0 +1,222 @@
+"""zoo.study: plan checks, the runner's log parsing, a tiny plan end to end (runs, skip, report), kill and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zoo.study import PlanError, load_plan
+from zoo.study.__main__ import main
+from zoo.study.plan import cli_args, slug
+from zoo.study.runner import curve, last_test_metrics, read_metrics
+
+UCR = "configs/study/ucr.yaml"
+TINY = {
+    "data.init_args.name": "ItalyPowerDemand",
+    "trainer.max_steps": 6,
+    "trainer.val_check_interval": 3,
+    "model.init_args.hidden_size": 8,
+}
+
+
+def write_plan(path: Path, steps: int = 6, every: int = 3, arms: tuple[str, ...] = ("lstm", "ln_lstm")) -> Path:
+    plan = {
+        "title": "tiny",
+        "seeds": [0],
+        "workers": 2,
+        "tasks": {
+            "italy": {
+                "config": UCR,
+                "metric": "test/acc",
+                "args": {**TINY, "trainer.max_steps": steps, "trainer.val_check_interval": every},
+                "evals": {"batch 4": {"data.init_args.batch_size": 4}},
+            }
+        },
+        "experiments": {
+            "variants": {
+                "title": "Which?",
+                "question": "Which one?",
+                "tasks": ["italy"],
+                "arms": {a: {"model.init_args.variant": a} for a in arms},
+            }
+        },
+    }
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------------------------ the plan
+
+
+def test_plan_expands_tasks_arms_seeds_and_shares_runs(tmp_path: Path) -> None:
+    raw = yaml.safe_load(write_plan(tmp_path / "p.yaml").read_text())
+    raw["seeds"] = [0, 1]
+    raw["experiments"]["again"] = {"tasks": ["italy"], "arms": {"lstm": {"model.init_args.variant": "lstm"}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    plan = load_plan(tmp_path / "p.yaml", tmp_path / "out")
+    keys = [r.key for r in plan.runs()]
+    assert keys == ["italy/lstm/seed0", "italy/lstm/seed1", "italy/ln_lstm/seed0", "italy/ln_lstm/seed1"]
+    assert [r.key for r in plan.runs(["again"])] == ["italy/lstm/seed0", "italy/lstm/seed1"]
+    run = plan.runs()[0]
+    assert "--model.init_args.variant=lstm" in run.args and "--trainer.max_steps=6" in run.args
+    assert run.evals == (("batch 4", ("--data.init_args.batch_size=4",)),)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p.update(seed=[0]), r"unknown key\(s\) seed"),
+        (lambda p: p["tasks"]["italy"].update(config="configs/study/nope.yaml"), r"tasks.italy.config .*nope.yaml"),
+        (lambda p: p["experiments"]["variants"].update(tasks=["itally"]), r"experiments.variants.tasks must list"),
+        (lambda p: p["experiments"]["variants"].update(arms={}), r"experiments.variants has no arms"),
+        (lambda p: p.update(seeds=[]), r"seeds must be a non-empty list"),
+        (lambda p: p.update(workers=0), r"workers must be a positive integer"),
+        (
+            lambda p: p["experiments"].update(
+                other={"tasks": ["italy"], "arms": {"lstm": {"model.init_args.variant": "gru"}}}
+            ),
+            r"arm 'lstm' of task 'italy' has different overrides in experiments 'variants' and 'other'",
+        ),
+        (
+            lambda p: p["experiments"]["variants"].update(published={"italy": {"lstm": {"value": 0.9}}}),
+            r"published.italy.lstm needs value and source",
+        ),
+    ],
+)
+def test_plan_errors_before_any_run(tmp_path: Path, edit, message: str) -> None:
+    raw = yaml.safe_load(write_plan(tmp_path / "p.yaml").read_text())
+    edit(raw)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(PlanError, match=message):
+        load_plan(tmp_path / "p.yaml")
+
+
+def test_unknown_experiment_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([str(write_plan(tmp_path / "p.yaml")), "--only", "variantz", "--dry-run"])
+    assert exc.value.code == 2
+    assert "--only: no experiment variantz" in capsys.readouterr().err
+
+
+def test_cli_args_and_slug() -> None:
+    overrides = {"a.b": 1, "c": True, "d": None, "e": {"gamma": 1.0}, "f": [1, 2], "g": "x y"}
+    assert cli_args(overrides) == ["--a.b=1", "--c=true", "--d=null", '--e={"gamma": 1.0}', "--f=[1, 2]", "--g=x y"]
+    assert slug("bn_lstm (shared statistics)") == "bn_lstm_shared_statistics"
+    assert slug("gamma = 1.0") == "gamma_1.0"
+
+
+# ------------------------------------------------------------------------------------------------ reading the logs
+
+
+def test_curve_merges_a_resumed_runs_logs(tmp_path: Path) -> None:
+    """Validation rows by step; the resumed version's rows win where both logged the same step."""
+    header = "epoch,step,time/train_s,train/loss,val/acc,val/loss,test/acc\n"
+    (tmp_path / "version_0").mkdir()
+    (tmp_path / "version_0" / "metrics.csv").write_text(
+        header + "0,4,,0.9,,,\n0,9,1.5,,0.5,0.7,\n0,19,3.0,,0.6,0.6,\n"  # killed after step 20's validation
+    )
+    (tmp_path / "version_1").mkdir()
+    (tmp_path / "version_1" / "metrics.csv").write_text(
+        header + "0,19,3.25,,0.625,0.59,\n0,29,4.5,,0.7,0.5,\n1,30,,,,,0.69\n"
+    )
+    rows = read_metrics(tmp_path)
+    assert curve(rows) == [
+        {"step": 10, "train_s": 1.5, "val/acc": 0.5, "val/loss": 0.7},
+        {"step": 20, "train_s": 3.25, "val/acc": 0.625, "val/loss": 0.59},
+        {"step": 30, "train_s": 4.5, "val/acc": 0.7, "val/loss": 0.5},
+    ]
+    assert last_test_metrics(rows) == {"test/acc": 0.69}
+
+
+# -------------------------------------------------------------------------------------------------------- end to end
+
+
+def test_tiny_plan_end_to_end_then_skipped_then_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan, out = write_plan(tmp_path / "p.yaml"), tmp_path / "out"
+    assert main([str(plan), "--out", str(out)]) == 0
+    rows = read_csv(out / "results.csv")
+    assert [(r["arm"], r["status"], r["steps"]) for r in rows] == [("lstm", "done", "6"), ("ln_lstm", "done", "6")]
+    for row in rows:
+        assert 0.0 <= float(row["test/acc"]) <= 1.0 and 0.0 <= float(row["batch 4: test/acc"]) <= 1.0
+        # the eval tests the same checkpoint on the same data: only the batch size differs
+        assert float(row["batch 4: test/acc"]) == pytest.approx(float(row["test/acc"]), abs=1e-6)
+        assert row["monitor"] == "val/acc" and float(row["train_s"]) > 0 and float(row["wall_s"]) > 0
+        points = read_csv(out / row["run_dir"] / "curve.csv")
+        assert [p["step"] for p in points] == ["3", "6"]
+        assert float(points[0]["train_s"]) < float(points[1]["train_s"]) <= float(row["train_s"]) + 1e-9
+        assert float(row["best_val"]) == max(float(p["val/acc"]) for p in points)
+    assert (out / "plan.yaml").exists()
+
+    capsys.readouterr()
+    versions = sorted(out.glob("runs/italy/*/seed0/version_*"))
+    assert main([str(plan), "--out", str(out)]) == 0  # everything is done: nothing runs again
+    assert "2 runs, 2 finished" in capsys.readouterr().out
+    assert sorted(out.glob("runs/italy/*/seed0/version_*")) == versions
+
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| lstm |" in report.replace("**", "") and "| ln_lstm |" in report.replace("**", "")
+    images = [line.split("](")[1].split(")")[0] for line in report.splitlines() if line.startswith("![")]
+    assert images and all((out / image).stat().st_size > 1000 for image in images)
+
+
+def test_dry_run_lists_states_and_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan, out = write_plan(tmp_path / "p.yaml"), tmp_path / "out"
+    (out / "runs/italy/ln_lstm/seed0/checkpoints").mkdir(parents=True)
+    (out / "runs/italy/ln_lstm/seed0/checkpoints/last.ckpt").write_bytes(b"")
+    assert main([str(plan), "--out", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("pending  italy/lstm/seed0: python -m zoo.cli fit --config=configs/study/ucr.yaml")
+    assert lines[1].startswith("resume   italy/ln_lstm/seed0:") and lines[1].endswith("--ckpt_path=last")
+    assert not (out / "results.csv").exists()
+
+
+def test_killed_study_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """SIGTERM the study while a run trains; the next start resumes that run from its last checkpoint."""
+    plan, out = write_plan(tmp_path / "p.yaml", steps=1000, every=50, arms=("lstm",)), tmp_path / "out"
+    cmd = [sys.executable, "-m", "zoo.study", str(plan), "--out", str(out)]
+    rdir = out / "runs/italy/lstm/seed0"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (rdir / "checkpoints/last.ckpt").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, output
+    assert "interrupted: run the same command again to resume" in output
+    assert not (rdir / "result.json").exists()
+    first = read_metrics(rdir)
+    assert first and max(int(r["step"]) for r in first) + 1 < 1000  # it stopped before the end
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--ckpt_path=last" in (rdir / "log.txt").read_text()
+    result = json.loads((rdir / "result.json").read_text())
+    assert result["status"] == "done" and result["steps"] == 1000
+    steps = [p["step"] for p in curve(read_metrics(rdir))]
+    assert steps == list(range(50, 1001, 50))  # one curve: the resumed run continued the first
+    assert len(list(rdir.glob("version_*"))) == 2
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan, out = write_plan(tmp_path / "p.yaml", arms=("nope", "lstm")), tmp_path / "out"
+    assert main([str(plan), "--out", str(out)]) == 1
+    assert "FAILED italy/nope/seed0: fit exited with" in capsys.readouterr().out
+    assert [(r["arm"], r["status"]) for r in read_csv(out / "results.csv")] == [("nope", "failed"), ("lstm", "done")]
+    assert "unknown variant 'nope'" in (out / "runs/italy/nope/seed0/log.txt").read_text().lower()
