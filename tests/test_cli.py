@@ -147,3 +147,24 @@ def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path, mo
         args=["--config", str(ROOT / "configs/quickstart.yaml"), *args, "--checkpoint.monitor=val/loss"], run=False
     )
     assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == ("val/loss", "min")
+
+
+def test_save_weights_only_applies_to_the_last_checkpoint_too(tmp_path: Path) -> None:
+    _run(
+        tmp_path,
+        "fit",
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        f"--data.data_dir={DATA / 'digits'}",
+        "--model.hidden_size=8",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+        "--checkpoint.save_weights_only=true",
+        *SMALL,
+    )
+    checkpoints = sorted((tmp_path / "runs" / "quickstart" / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in checkpoints][-1] == "last.ckpt" and len(checkpoints) == 2
+    for path in checkpoints:
+        assert "optimizer_states" not in torch.load(path, weights_only=True), path.name

@@ -179,6 +179,7 @@ class ZooCLI(LightningCLI):
                     dirpath=best.dirpath,
                     filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
                     monitor=None,
+                    save_weights_only=best.save_weights_only,
                     enable_version_counter=False,
                     every_n_train_steps=best._every_n_train_steps,
                     every_n_epochs=best._every_n_epochs,
