@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -46,14 +47,18 @@ def download(
 ) -> Path:
     """Download ``url`` to ``dest`` through a ``.part`` file, verify it, and only then move it into place.
 
+    The ``.part`` file's name is unique to the call (``<name>.<random>.part``), so processes downloading the same file
+    at once (several nodes on one shared file system) never write into each other's file; the last move wins.
+
     ``check``, if given, is called on the downloaded file after the sha256 check and raises `DataError` to reject it
     (e.g. a hash of the decompressed content); a rejected download leaves no file behind.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    fd, name = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".part", dir=dest.parent)
+    part = Path(name)
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
