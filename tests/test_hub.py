@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import zoo.hub as hub
 from zoo.cli import main
 from zoo.data import sha256sum
+from zoo.hub.publish import _training_description
 from zoo.models import LanguageModel, SequenceClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,3 +403,14 @@ def test_a_published_language_model_reproduces_its_card_and_writes_text() -> Non
     assert metrics["test/bpc"] == pytest.approx(model.card.metrics["test/bpc"], rel=1e-5)
     text = model.sample(100, prompt="ROMEO:\n", temperature=0.8, seed=0)
     assert isinstance(text, str) and len(text) == 100 and set(text) <= set(model.vocab)
+
+
+@pytest.mark.parametrize("last_first", [True, False])
+def test_training_description_reads_the_monitoring_checkpoint_callback(last_first: bool) -> None:
+    """The best score comes from the ModelCheckpoint that monitors the metric, whatever the callbacks' order."""
+    best = {"monitor": "val/bpc", "best_model_score": torch.tensor(1.2345)}
+    last = {"monitor": None, "best_model_score": None}
+    states = [("ModelCheckpoint{'monitor': None}", last), ("ModelCheckpoint{'monitor': 'val/bpc'}", best)]
+    ckpt = {"callbacks": dict(states if last_first else states[::-1]), "epoch": 2, "global_step": 30}
+    text = _training_description({"trainer": {"max_steps": 30}}, ckpt, "val/bpc")
+    assert text.endswith("the checkpoint of epoch 3, step 30, the best on val/bpc (1.2345)")

@@ -115,8 +115,12 @@ def _training_description(config: dict[str, Any], ckpt: dict[str, Any], monitor:
     optimizer = config.get("optimizer") or {}
     lr = (optimizer.get("init_args") or {}).get("lr")
     scheduler = (config.get("lr_scheduler") or {}).get("class_path", "none").rpartition(".")[2]
-    score = next(
-        (s.get("best_model_score") for k, s in ckpt.get("callbacks", {}).items() if k.startswith("ModelCheckpoint")),
+    score = next(  # the ModelCheckpoint that monitors this metric (the "last" one monitors nothing)
+        (
+            s.get("best_model_score")
+            for k, s in ckpt.get("callbacks", {}).items()
+            if k.startswith("ModelCheckpoint") and s.get("monitor") == monitor
+        ),
         None,
     )
     best = f", the best on {monitor} ({float(score):.4f})" if score is not None else ""
