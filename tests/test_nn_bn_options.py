@@ -193,6 +193,12 @@ def test_bad_statistics_value(value) -> None:
         zoo.nn.BNLSTMCell(IN, H, statistics=value)
 
 
+def test_per_step_statistics_need_max_steps() -> None:
+    with pytest.raises(ValueError, match="needs max_steps"):
+        zoo.nn.BNLSTMCell(IN, H, max_steps=None)
+    assert zoo.nn.BNLSTMCell(IN, H, max_steps=None, statistics="shared").bn_hh.max_steps is None
+
+
 def test_options_through_the_registry_and_the_model_config() -> None:
     options = zoo.nn.get_variant("bn_lstm").options
     assert options["statistics"] == "per_step" and options["recurrent_bn"] is True

@@ -260,6 +260,8 @@ class BNLSTMCell(_NormalizedLSTMCell):
     ) -> None:
         if statistics not in BN_STATISTICS:
             raise ValueError(f"statistics must be one of {BN_STATISTICS}, got {statistics!r}")
+        if statistics == "per_step" and max_steps is None:
+            raise ValueError('statistics="per_step" needs max_steps (T_max); statistics="shared" has none')
         super().__init__(input_size, hidden_size, bias, forget_bias)
         self.statistics = statistics
         self.recurrent_bn = bool(recurrent_bn)
