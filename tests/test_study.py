@@ -167,8 +167,15 @@ def test_tiny_plan_end_to_end_then_skipped_then_reported(tmp_path: Path, capsys:
     assert "2 runs, 2 finished" in capsys.readouterr().out
     assert sorted(out.glob("runs/italy/*/seed0/version_*")) == versions
 
-    assert main(["report", str(out)]) == 0
+    sessions = json.loads((out / "environment.json").read_text())
+    assert len(sessions) == 1 and sessions[0]["cores"] == os.cpu_count() and sessions[0]["workers"] == 2
+
+    notes = tmp_path / "findings.md"
+    notes.write_text("LayerNorm wins here.\n")
+    assert main(["report", str(out), "--notes", str(notes)]) == 0
     report = (out / "report.md").read_text()
+    assert "## Findings\n\nLayerNorm wins here." in report
+    assert f"- {sessions[0]['cpu']} ({os.cpu_count()} cores)" in report
     assert "| lstm |" in report.replace("**", "") and "| ln_lstm |" in report.replace("**", "")
     images = [line.split("](")[1].split(")")[0] for line in report.splitlines() if line.startswith("![")]
     assert images and all((out / image).stat().st_size > 1000 for image in images)

@@ -22,10 +22,18 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="python -m zoo.study report", description="Write a study's report.")
         parser.add_argument("dir", type=Path, help="the study's output directory (holding plan.yaml, results.csv)")
         parser.add_argument("--out", type=Path, default=None, help="the report's path (default: <dir>/report.md)")
+        parser.add_argument("--notes", type=Path, default=None, help="a Markdown file of findings to put first")
+        parser.add_argument(
+            "--plan",
+            default="configs/study/plan.yaml",
+            help="the plan's path, as the report's reproduction command names it",
+        )
         args = parser.parse_args(argv[1:])
+        if args.notes is not None and not args.notes.is_file():
+            parser.error(f"--notes: no file {args.notes}")
         from zoo.study.report import write_report
 
-        path = write_report(args.dir, args.out)
+        path = write_report(args.dir, args.out, args.plan, args.notes)
         print(f"report: {path}")
         return 0
     parser = argparse.ArgumentParser(

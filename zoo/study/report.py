@@ -8,6 +8,7 @@ and its plots, built from the study directory's ``plan.yaml``, ``results.csv`` a
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import statistics
 from collections import defaultdict
@@ -213,10 +214,33 @@ def _task_section(
     return lines
 
 
-def write_report(study_dir: Path, dest: Path | None = None, plan_path: str = "configs/study/plan.yaml") -> Path:
+def _sessions(study_dir: Path) -> list[str]:
+    """One line per distinct setting the runs were made with (``environment.json``, written by the runner)."""
+    path = study_dir / "environment.json"
+    if not path.exists():
+        return []
+    lines = []
+    for env in json.loads(path.read_text()):
+        gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
+        line = (
+            f"- {env.get('cpu')} ({env.get('cores')} cores{gpu}), PyTorch {env.get('torch')}, Python "
+            f"{env.get('python')}; {env.get('workers')} runs at a time with {env.get('threads')} thread(s) each; "
+            f"malloc settings {env.get('malloc') or 'default'}; code at commit {env.get('commit') or 'unknown'}"
+        )
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def write_report(
+    study_dir: Path,
+    dest: Path | None = None,
+    plan_path: str = "configs/study/plan.yaml",
+    notes: Path | None = None,
+) -> Path:
     """Write the study's Markdown report to ``dest`` (default ``<study_dir>/report.md``), its plots and a copy of
     ``results.csv`` into ``<dest.parent>/<dest.stem>/``; return the report's path. ``plan_path`` is the plan named in
-    the report's "How this was made"."""
+    the report's "How this was made"; ``notes``, a Markdown file of findings, goes under "Findings" after the header."""
     study_dir = Path(study_dir)
     plan, rows, columns = _load(study_dir)
     dest = Path(dest) if dest is not None else study_dir / "report.md"
@@ -236,6 +260,8 @@ def write_report(study_dir: Path, dest: Path | None = None, plan_path: str = "co
         f"([results.csv]({quote(fig_dir.name)}/results.csv)).",
         "",
     ]
+    if notes is not None:
+        lines += ["## Findings", "", Path(notes).read_text().strip(), ""]
     tasks = plan.get("tasks") or {}
     for exp_name, exp in plan["experiments"].items():
         exp = exp or {}
@@ -247,6 +273,7 @@ def write_report(study_dir: Path, dest: Path | None = None, plan_path: str = "co
             lines += _task_section(study_dir, exp_name, exp, task_name, task, rows, columns, colors, fig_dir)
 
     out = f" --out {dest}" if dest != study_dir / "report.md" else ""
+    out += f" --notes {notes}" if notes is not None else ""
     lines += [
         "## How this was made",
         "",
@@ -255,7 +282,9 @@ def write_report(study_dir: Path, dest: Path | None = None, plan_path: str = "co
         f"python -m zoo.study report {study_dir}{out}",
         "```",
         "",
-        "Times are wall-clock training seconds (validation excluded) on the machine that ran the study.",
+        "Times are wall-clock training seconds (validation excluded) on the machine that ran the study:",
+        "",
+        *(_sessions(study_dir) or ["- (no environment.json: machine not recorded)"]),
         "",
     ]
     dest.write_text("\n".join(lines))

@@ -252,6 +252,34 @@ def write_results(plan: Plan, out: Path) -> Path:
     return path
 
 
+def environment(workers: int, threads: int) -> dict[str, Any]:
+    """What ran the study: machine, software, parallelism, code version (for the report's "How this was made")."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        version = commit.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        version = None
+    return {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "workers": workers,
+        "threads": threads,
+        "malloc": child_env(threads).get("GLIBC_TUNABLES"),
+        "commit": version,
+    }
+
+
 def _stop_children() -> None:
     with _lock:
         _stopping.set()
@@ -295,6 +323,10 @@ def run_plan(
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.yaml").write_text(yaml.safe_dump(plan.raw, sort_keys=False))
     todo = [r for r in runs if not finished(out, r)]
+    if todo:  # every session that runs something is recorded
+        env_path = out / "environment.json"
+        sessions = json.loads(env_path.read_text()) if env_path.exists() else []
+        env_path.write_text(json.dumps([*sessions, environment(workers, threads)], indent=1))
     print(f"study {plan.title!r}: {len(runs)} runs, {len(runs) - len(todo)} finished; results in {out}", flush=True)
     failed = 0
     _stopping.clear()
