@@ -77,8 +77,8 @@ def _colors(plan: dict[str, Any], rows: list[dict[str, str]]) -> dict[str, Any]:
     """One color per arm label, the same in every plot of the report."""
     labels = [str(arm) for exp in plan["experiments"].values() for arm in (exp or {}).get("arms") or {}]
     labels = list(dict.fromkeys(labels + [r["arm"] for r in rows]))
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]  # 18 colors far apart
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
 
 
 def _read_curve(path: Path, monitor: str) -> Curve:
