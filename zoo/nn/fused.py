@@ -22,9 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import _ext
 from .norm import MaskedBatchNorm
 
 aten = torch.ops.aten
+
+
+def extension_available() -> bool:
+    """Whether the compiled LSTM step (`zoo.nn._ext`, built by ``python -m zoo.nn.build``) is loaded and enabled."""
+    return _ext.load() is not None
 
 
 class Linear:
@@ -214,6 +220,49 @@ class StepNorm:
     def zero_grads(self) -> None:
         """Start a backward pass: forget the gain and shift gradients of an earlier one."""
         self.dw = self.db = None
+        if getattr(self, "ext", None) is not None:
+            self.ext.dw = None if self.kind == "none" or self.weight is None else torch.zeros_like(self.weight)
+            self.ext.db = None if self.kind in ("none", "rms") or self.bias is None else torch.zeros_like(self.bias)
+
+    def ext_tensors(self) -> list[Tensor]:
+        """The tensors the compiled step would read (to check their dtype and device)."""
+        out = [t for t in (self.weight, self.bias, self.fwd_weight, self.fwd_bias) if t is not None]
+        if self.kind == "bn":
+            out += [self.module.running_mean, self.module.running_var]
+        return out
+
+    def ext_start(self, ext, steps: int, rows: int, like: Tensor, folded: bool = False) -> None:
+        """Configure the compiled step's `Norm` (after `start`): ``rows`` rows of LayerNorm/RMSNorm statistics.
+
+        ``folded``: the forward scale is already in the GEMM's weight (a "none" norm applies nothing then).
+        """
+        n = self.ext = ext.Norm()
+        n.fw, n.fb, n.w = self.fwd_weight, self.fwd_bias, self.weight
+        if self.kind == "none":
+            n.kind = 4  # AFFINE: x·scale (identity when folded); the backward is the identity
+            if folded:
+                n.fw = n.fb = None
+            return
+        n.eps = self.eps if self.eps is not None else torch.finfo(like.dtype).eps
+        if self.kind in ("ln", "rms"):
+            n.kind = 1 if self.kind == "ln" else 2
+            n.mean = like.new_empty(rows) if self.kind == "ln" else None
+            n.rstd = like.new_empty(rows)
+            return
+        bn: MaskedBatchNorm = self.module
+        features = self.weight.shape[0]
+        if bn.training:
+            n.kind, n.per_step, n.momentum = 3, bn.per_step, bn.momentum
+            n.mean, n.rstd = like.new_empty(steps, features), like.new_empty(steps, features)
+            n.rm, n.rv = bn.running_mean, bn.running_var
+        else:  # the per-step affine maps of `start`, and the statistics for the gain gradient
+            n.kind = 4
+            n.fw, n.fb = self.eval_scale.contiguous(), self.eval_shift.contiguous()
+            n.mean, n.rstd = self.eval_mean.contiguous(), self.eval_rstd.contiguous()
+
+    def ext_finish(self) -> None:
+        """After a compiled backward pass: its accumulated gain and shift gradients become `param_grads`'."""
+        self.dw, self.db = self.ext.dw, self.ext.db
 
     def param_grads(self) -> tuple[Tensor | None, Tensor | None]:
         """The gradients of the gain and shift accumulated by `backward`."""
@@ -348,7 +397,18 @@ class FusedLSTM(torch.autograd.Function):
         s = torch.empty_like(u) if train else None  # σ of the pre-activations (the candidate block: σ(2g))
         sc = u.new_empty(n, hidden) if train else None  # σ(2 N_c(c_t)), so that tanh(N_c(c_t)) = 2 sc − 1
         z = torch.empty_like(u) if train and norm_h.kind != "none" else None  # W_h h_{t-1}, for backward
-        for t in range(steps):
+        ext = _extension(u, h0, c0, w_hh, norm_h, norm_c)
+        loop = FusedLSTM._forward_ext if ext is not None else FusedLSTM._forward_python
+        loop(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z)
+        last = layout.last_rows(u.device)
+        ctx.save_for_backward(h0, c0, w_hh, s, h, c, sc, z)
+        ctx.layout, ctx.norm_h, ctx.norm_c, ctx.ext = layout, norm_h, norm_c, ext
+        return h, h[last], c[last]
+
+    @staticmethod
+    def _forward_python(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z) -> None:
+        """The steps through ATen kernels (``s``, ``sc``, ``z`` None in inference)."""
+        for t in range(len(layout.batch_sizes)):
             rows = layout.at(t)
             hp, cp = (h0, c0) if t == 0 else (h[layout.prev(t)], c[layout.prev(t)])
             zt = lin(hp)
@@ -361,10 +421,22 @@ class FusedLSTM(torch.autograd.Function):
             ct = torch.mul(i, g, out=c[rows]).mul_(2).sub_(i).addcmul_(f, cp)  # f ⊙ c_{t-1} + i ⊙ tanh(g)
             sct = torch.sigmoid(norm_c.forward(ct, t), out=None if sc is None else sc[rows])
             torch.mul(o, sct, out=h[rows]).mul_(2).sub_(o)  # o ⊙ tanh(N_c(c_t))
-        last = layout.last_rows(u.device)
-        ctx.save_for_backward(h0, c0, w_hh, s, h, c, sc, z)
-        ctx.layout, ctx.norm_h, ctx.norm_c = layout, norm_h, norm_c
-        return h, h[last], c[last]
+
+    @staticmethod
+    def _forward_ext(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z) -> None:
+        """The steps through the compiled step: one call between the GEMMs (inference: ``s``, ``sc`` a scratch)."""
+        train, first = s is not None, layout.batch_sizes[0]
+        rows = layout.rows if train else first
+        norm_h.ext_start(ext, len(layout.batch_sizes), rows, u, folded=True)
+        norm_c.ext_start(ext, len(layout.batch_sizes), rows, u)
+        s_buf = s if train else u.new_empty(first, u.shape[1])
+        sc_buf = sc if train else u.new_empty(first, h.shape[1])
+        c0 = c0.contiguous()
+        nh, nc, step = norm_h.ext, norm_c.ext, ext.forward_step
+        for t, (off, bs) in enumerate(zip(layout.offsets, layout.batch_sizes, strict=True)):
+            prev = layout.offsets[t - 1] if t else -1
+            zt = lin(h0 if t == 0 else h[prev : prev + bs])
+            step(nh, nc, zt, u, gscale, c0, s_buf, c, sc_buf, h, z, t, off, prev, bs, off if train else 0)
 
     @staticmethod
     def backward(ctx, dout, dhn, dcn):
@@ -373,13 +445,24 @@ class FusedLSTM(torch.autograd.Function):
         none_h = norm_h.kind == "none"
         # The carries hold the gradient of the state at the current step, for every sequence: from the step after it,
         # or, for a sequence that ends here, the gradient of its final state.
-        dh_carry = dhn.clone() if dhn is not None else torch.zeros_like(h0)
-        dc_carry = dcn.clone() if dcn is not None else torch.zeros_like(c0)
+        dh_carry = torch.empty_like(h0, memory_format=torch.contiguous_format).copy_(dhn) if dhn is not None else None
+        dc_carry = torch.empty_like(c0, memory_format=torch.contiguous_format).copy_(dcn) if dcn is not None else None
+        dh_carry = torch.zeros_like(h0, memory_format=torch.contiguous_format) if dh_carry is None else dh_carry
+        dc_carry = torch.zeros_like(c0, memory_format=torch.contiguous_format) if dc_carry is None else dc_carry
         lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
         norm_h.zero_grads()
         norm_c.zero_grads()
         du = torch.empty_like(s)  # gradient of the gate pre-activations, which is that of u
         dw_hh = None if none_h else OuterSum(layout, h0, h, z.shape[1])
+        loop = FusedLSTM._backward_ext if ctx.ext is not None else FusedLSTM._backward_python
+        loop(ctx.ext, dout, h0, c0, s, c, sc, z, layout, norm_h, norm_c, lin_t, dh_carry, dc_carry, du, dw_hh)
+        dh0, dc0 = dh_carry, dc_carry
+        dw_hh = outer(du, layout.previous(h0, h)) if none_h else dw_hh.result()
+        return _grads(ctx, du, dh0, dc0, dw_hh, *norm_h.param_grads(), *norm_c.param_grads())
+
+    @staticmethod
+    def _backward_python(ext, dout, h0, c0, s, c, sc, z, layout, norm_h, norm_c, lin_t, dh_carry, dc_carry, du, dw_hh):
+        """The backward steps through ATen kernels: fills ``du``, updates the carries, feeds ``dw_hh``."""
         for t in reversed(range(len(layout.batch_sizes))):
             rows, bs = layout.at(t), layout.batch_sizes[t]
             st, sct = s[rows], sc[rows]
@@ -395,16 +478,55 @@ class FusedLSTM(torch.autograd.Function):
             torch.mul(dc, cp, out=df)
             torch.mul(dc, i, out=dg).mul_(4)
             dst.mul_(torch.addcmul(st, st, st, value=-1))  # σ'; the candidate block: tanh' = 4σ'(2g)
-            if none_h:
+            if dw_hh is None:
                 dzt = dst
             else:
                 dzt = dw_hh.slot(t)
                 dzt.copy_(norm_h.backward(dst, z[rows], t))
             dh_carry[:bs] = lin_t(dzt)
             torch.mul(dc, f, out=dc_carry[:bs])
-        dh0, dc0 = dh_carry, dc_carry
-        dw_hh = outer(du, layout.previous(h0, h)) if none_h else dw_hh.result()
-        return _grads(ctx, du, dh0, dc0, dw_hh, *norm_h.param_grads(), *norm_c.param_grads())
+
+    @staticmethod
+    def _backward_ext(ext, dout, h0, c0, s, c, sc, z, layout, norm_h, norm_c, lin_t, dh_carry, dc_carry, du, dw_hh):
+        """The backward steps through the compiled step: one call between the GEMMs."""
+        dout = None if dout is None else dout.contiguous()
+        c0, work = c0.contiguous(), c.new_empty(layout.batch_sizes[0], c.shape[1])
+        nh, nc, step = norm_h.ext, norm_c.ext, ext.backward_step
+        for t in reversed(range(len(layout.batch_sizes))):
+            off, bs = layout.offsets[t], layout.batch_sizes[t]
+            dzt = du[off : off + bs] if dw_hh is None else dw_hh.slot(t)
+            step(
+                nh,
+                nc,
+                s,
+                sc,
+                c,
+                c0,
+                z,
+                dout,
+                dh_carry,
+                dc_carry,
+                du,
+                None if dw_hh is None else dzt,
+                work,
+                t,
+                off,
+                layout.offsets[t - 1] if t else -1,
+                bs,
+            )
+            dh_carry[:bs] = lin_t(dzt)
+        norm_h.ext_finish()
+        norm_c.ext_finish()
+
+
+def _extension(u: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, *norms: StepNorm):
+    """The compiled step's module when it is built and applies to these tensors (CPU, float32/float64), else None."""
+    if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or not u.is_contiguous():
+        return None
+    tensors = [h0, c0, w_hh] + [t for n in norms for t in n.ext_tensors()]
+    if any(t.device != u.device or t.dtype != u.dtype for t in tensors):
+        return None
+    return _ext.load()
 
 
 class FusedGRU(torch.autograd.Function):

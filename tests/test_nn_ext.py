@@ -1,0 +1,167 @@
+"""The compiled LSTM step (`zoo/nn/csrc/lstm_step.cpp`) equals the Python fused loop and the step-by-step engine.
+
+A session fixture builds the extension once (about a minute the first time; the cache keeps it); the module is skipped
+only where no C++ compiler exists or ``ZOO_NO_EXT`` is set. Every LSTM-family normalization (batch norm with per-step
+and shared statistics and without the recurrent ones, sequence-wise BN, LayerNorm, RMSNorm), training and evaluation,
+a padded batch, 2 layers, bidirectional: outputs, final states, every gradient and the running statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+
+import zoo.nn
+from zoo.nn import _ext
+from zoo.nn import fused as fused_module
+
+B, T, IN, H = 4, 6, 3, 5
+LENGTHS = torch.tensor([4, 6, 1, 3])
+
+CASES = [
+    ("bn_lstm", {"max_steps": T}),
+    ("bn_lstm", {"statistics": "shared"}),
+    ("bn_lstm", {"max_steps": T, "recurrent_bn": False}),
+    ("seqbn_lstm", {}),
+    ("ln_lstm", {}),
+    ("rms_lstm", {}),
+]
+IDS = [v + "".join(f"-{k}={o}" for k, o in opts.items() if k != "max_steps") for v, opts in CASES]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def extension():
+    if os.environ.get("ZOO_NO_EXT", "") not in ("", "0"):
+        pytest.skip("ZOO_NO_EXT is set: the compiled LSTM step is disabled")
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++")):
+        pytest.skip("no C++ compiler: the compiled LSTM step cannot be built")
+    module = _ext.load(build=True)
+    assert module is not None and fused_module.extension_available()
+    return module
+
+
+class Spy:
+    """Counts the calls of the compiled forward and backward loops."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.forward = self.backward = 0
+        fwd, bwd = fused_module.FusedLSTM._forward_ext, fused_module.FusedLSTM._backward_ext
+
+        def forward(*args):
+            self.forward += 1
+            return fwd(*args)
+
+        def backward(*args):
+            self.backward += 1
+            return bwd(*args)
+
+        monkeypatch.setattr(fused_module.FusedLSTM, "_forward_ext", staticmethod(forward))
+        monkeypatch.setattr(fused_module.FusedLSTM, "_backward_ext", staticmethod(backward))
+
+
+def run(rnn, x, state, proj, lengths, monkeypatch, ext: bool):
+    """Outputs, final states, gradients (input, states, parameters) and buffers after one forward and backward."""
+    with monkeypatch.context() as m:
+        if not ext:
+            m.setenv("ZOO_NO_EXT", "1")
+        xr = x.clone().requires_grad_()
+        sr = [s.clone().requires_grad_() for s in state]
+        out, final = rnn(xr, tuple(sr), lengths=lengths)
+        loss = (out * proj).sum() + sum((f * (k + 1)).sum() for k, f in enumerate(final))
+        grads = torch.autograd.grad(loss, [xr, *sr, *rnn.parameters()])
+    return out, final, grads, [b.clone() for b in rnn.buffers()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)
+def test_extension_equals_python_and_steps(variant, options, training, lengths, dtype, monkeypatch) -> None:
+    torch.manual_seed(0)
+    base = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, **options).to(dtype)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    base.train()(torch.randn(T, B, IN, dtype=dtype), lengths=LENGTHS)  # running statistics away from (0, 1)
+    models = [copy.deepcopy(base) for _ in range(3)]  # compiled step, Python fused loop, step-by-step engine
+    models[2].fused = False
+    x = torch.randn(T, B, IN, dtype=dtype)
+    state = [torch.randn(4, B, H, dtype=dtype) for _ in range(2)]
+    proj = torch.randn(T, B, 2 * H, dtype=dtype)
+    spy = Spy(monkeypatch)
+    results = []
+    for k, rnn in enumerate(models):
+        rnn.train(training)
+        results.append(run(rnn, x, state, proj, LENGTHS if lengths else None, monkeypatch, ext=k == 0))
+    assert spy.forward == spy.backward == 4  # 2 layers x 2 directions, all through the compiled step
+    names = ["output", "h_n", "c_n"] + ["input", "h0", "c0"] + [n for n, _ in base.named_parameters()]
+    names += [n for n, _ in base.named_buffers()]
+    flat = [[*r[0:1], *r[1], *r[2], *r[3]] for r in results]
+    for other in flat[1:]:
+        for name, a, b in zip(names, flat[0], other, strict=True):
+            if dtype == torch.float64:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+            else:  # float32: every tensor within 5e-4 of its norm (as test_nn_fused's float32 check)
+                assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)
+def test_extension_inference_equals_steps(variant, options, training, monkeypatch) -> None:
+    """Under `torch.no_grad` the compiled step's inference mode (no saved tensors) gives the same results."""
+    base = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, **options).double()
+    base.train()(torch.randn(T, B, IN, dtype=torch.float64), lengths=LENGTHS)
+    steps = copy.deepcopy(base)
+    steps.fused = False
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    state = tuple(torch.randn(4, B, H, dtype=torch.float64) for _ in range(2))
+    spy = Spy(monkeypatch)
+    results = []
+    for rnn in (base, steps):
+        rnn.train(training)
+        with torch.no_grad():
+            out, final = rnn(x, state, lengths=LENGTHS)
+        results.append((out, final, [b.clone() for b in rnn.buffers()]))
+    assert spy.forward == 4 and spy.backward == 0
+    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)
+def test_extension_gradcheck(variant, options, training, monkeypatch) -> None:
+    """float64 finite differences through the compiled step (the input and both initial states)."""
+    lengths = torch.tensor([3, 1, 2])
+    rnn = zoo.nn.RNN(variant, 2, 2, num_layers=2, bidirectional=True, **options).double()
+    if not training:
+        rnn.train()(torch.randn(3, 3, 2, dtype=torch.float64), lengths=lengths)
+    rnn.train(training)
+    x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    state = [torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    spy = Spy(monkeypatch)
+
+    def f(x, h0, c0):
+        out, (h, c) = rnn(x, (h0, c0), lengths=lengths)
+        return out, h, c
+
+    assert torch.autograd.gradcheck(f, (x, *state))
+    assert spy.forward > 0 and spy.backward > 0
+
+
+def test_no_ext_env_forces_the_python_loop(monkeypatch) -> None:
+    monkeypatch.setenv("ZOO_NO_EXT", "1")
+    assert not fused_module.extension_available()
+    spy = Spy(monkeypatch)
+    rnn = zoo.nn.RNN("ln_lstm", IN, H)
+    rnn(torch.randn(T, B, IN))[0].sum().backward()
+    assert spy.forward == spy.backward == 0
+
+
+def test_load_never_compiles(monkeypatch, tmp_path) -> None:
+    """Without a built library in the cache, `load` returns None at once (the layer runs the Python loop)."""
+    monkeypatch.setenv("ZOO_EXT_DIR", str(tmp_path))
+    assert _ext.load() is None
+    assert not any(tmp_path.iterdir())

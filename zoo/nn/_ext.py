@@ -1,0 +1,76 @@
+"""The compiled step of the fused LSTM recurrence (``zoo/nn/csrc/lstm_step.cpp``): build it, and load it if built.
+
+`load` never compiles unless asked (``build=True``, as ``python -m zoo.nn.build`` does): at run time the fused path
+uses the extension only when its shared library is already in the cache, so a layer's first call never waits a
+minute for the compiler. The cache is ``$ZOO_EXT_DIR/ext-<torch version>-<hash>`` (default root ``~/.cache/zoo``),
+the hash covering the source and the compiler flags, so a changed source or another torch never loads a stale build.
+``ZOO_NO_EXT=1`` disables the extension (the Python loop runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+NAME = "zoo_lstm_step"
+SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
+CFLAGS = ["-O3", "-march=native", "-ffast-math"]  # -ffast-math lets GCC call glibc's vector expf (libmvec)
+
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def disabled() -> bool:
+    """Whether ``ZOO_NO_EXT`` asks for the Python loop."""
+    return os.environ.get("ZOO_NO_EXT", "") not in ("", "0")
+
+
+def build_directory() -> Path:
+    """The cache folder of this source, these flags and this torch."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("ZOO_EXT_DIR") or Path.home() / ".cache" / "zoo")
+    return root / f"ext-{torch.__version__}-{digest}"
+
+
+def library() -> Path:
+    """Where the built shared library lies (whether or not it exists)."""
+    return build_directory() / f"{NAME}.so"
+
+
+def load(build: bool = False) -> ModuleType | None:
+    """The extension module, or None: not built (and ``build`` false), or disabled by ``ZOO_NO_EXT``.
+
+    With ``build`` it compiles first where needed (about a minute) and raises the compiler's error if that fails.
+    """
+    if disabled():
+        return None
+    key = str(library())
+    if build:
+        from torch.utils import cpp_extension
+
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(
+            name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(folder), verbose=False
+        )
+        _loaded[key] = module
+        return module
+    if key not in _loaded:
+        _loaded[key] = _import(library()) if library().is_file() else None
+    return _loaded[key]
+
+
+def _import(path: Path) -> ModuleType | None:
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:  # built against another library (the hash misses e.g. a changed compiler): Python loop
+        return None
+    return module

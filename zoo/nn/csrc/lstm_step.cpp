@@ -1,0 +1,392 @@
+// One step of zoo.nn.fused.FusedLSTM between its GEMMs, forward and backward, in a few passes over the step's rows.
+//
+// Forward, for the bs rows running at step t (z = W_h h_{t-1}, from the caller's GEMM):
+//   s  = σ(N_h(z)·scale + u·scale)       scale: 2 on the candidate block, so that tanh(g) = 2σ(2g) − 1
+//   c  = f ⊙ c_{t-1} + i ⊙ (2σ(2g) − 1)
+//   sc = σ(2 N_c(c)),  h = o ⊙ (2 sc − 1)
+// Backward: the gate gradient du_t, the gradient of z through N_h (dz_t, for the caller's GEMMs), the carry of dc,
+// and the norms' gain and shift gradients accumulated in place. N is one of: identity / affine (x·w + b, per feature,
+// also batch norm in evaluation with w = γ·rstd, b = β − mean·γ·rstd), LayerNorm, RMSNorm, batch norm in training
+// (the statistics of the step's rows, running statistics moved as torch.native_batch_norm does).
+// The formulas are those of aten's native_layer_norm(_backward), _fused_rms_norm and native_batch_norm(_backward).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+enum Kind : int64_t { NONE = 0, LN = 1, RMS = 2, BN_TRAIN = 3, AFFINE = 4 };
+
+// One normalization's configuration for a whole sequence (built once per FusedLSTM call).
+struct Norm {
+  int64_t kind = NONE;   // forward kind; AFFINE covers "none with a scale" and evaluation-mode batch norm
+  OptT fw, fb;           // forward gain / shift (scaled), (F,) or, for AFFINE, (steps, F): row t
+  OptT w;                // the unscaled gain (backward)
+  OptT mean, rstd;       // saved statistics: LN/RMS (rows,), BN (steps, F); AFFINE backward: (steps, F) or none
+  OptT rm, rv;           // running statistics (slots, F) of a training batch norm
+  bool per_step = false;  // BN: row t of rm/rv at step t (else row 0)
+  double eps = 1e-5, momentum = 0.1;
+  OptT dw, db;  // gradient accumulators (F,)
+};
+
+template <typename T>
+inline T sigm(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+inline const T* ptr_or_null(const OptT& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+inline T* mptr_or_null(OptT& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+// A row of a (F,) or (steps, F) per-feature tensor.
+template <typename T>
+inline const T* feature_row(const OptT& t, int64_t row, int64_t F) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  return t->dim() == 2 ? t->data_ptr<T>() + row * F : t->data_ptr<T>();
+}
+
+inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)); }
+constexpr int64_t kFeatureGrain = 256;
+
+// Column sums over rows of f(r, j) for j in [j0, j1), per thread (feature-parallel).
+// y[r, :] = N(x[r, :]) for bs rows of F features; saves the statistics (rows at save_off, or row t for BN).
+template <typename T>
+void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, int64_t save_off) {
+  const T* fw = feature_row<T>(n.fw, t, F);
+  const T* fb = feature_row<T>(n.fb, t, F);
+  const T eps = static_cast<T>(n.eps);
+  if (n.kind == NONE || n.kind == AFFINE) {
+    at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict xr = x + r * F;
+        T* __restrict yr = y + r * F;
+        if (fw && fb) {
+          for (int64_t j = 0; j < F; ++j) yr[j] = xr[j] * fw[j] + fb[j];
+        } else if (fw) {
+          for (int64_t j = 0; j < F; ++j) yr[j] = xr[j] * fw[j];
+        } else if (fb) {
+          for (int64_t j = 0; j < F; ++j) yr[j] = xr[j] + fb[j];
+        } else if (xr != yr) {
+          for (int64_t j = 0; j < F; ++j) yr[j] = xr[j];
+        }
+      }
+    });
+    return;
+  }
+  if (n.kind == LN || n.kind == RMS) {
+    T* mean_s = n.kind == LN ? n.mean->data_ptr<T>() + save_off : nullptr;
+    T* rstd_s = n.rstd->data_ptr<T>() + save_off;
+    at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict xr = x + r * F;
+        T* __restrict yr = y + r * F;
+        T mu = 0;
+        if (n.kind == LN) {
+          for (int64_t j = 0; j < F; ++j) mu += xr[j];
+          mu /= F;
+        }
+        T var = 0;
+        for (int64_t j = 0; j < F; ++j) {
+          const T d = xr[j] - mu;
+          var += d * d;
+        }
+        const T rs = T(1) / std::sqrt(var / F + eps);
+        if (mean_s) mean_s[r] = mu;
+        rstd_s[r] = rs;
+        if (fw && fb) {
+          for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu) * rs * fw[j] + fb[j];
+        } else if (fw) {
+          for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu) * rs * fw[j];
+        } else if (fb) {
+          for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu) * rs + fb[j];
+        } else {
+          for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu) * rs;
+        }
+      }
+    });
+    return;
+  }
+  TORCH_CHECK(n.kind == BN_TRAIN, "lstm_step: unknown norm kind ", n.kind);
+  T* mean_s = n.mean->data_ptr<T>() + t * F;
+  T* rstd_s = n.rstd->data_ptr<T>() + t * F;
+  const int64_t slot = n.per_step ? t : 0;
+  const bool update = bs >= 2 && n.rm.has_value() && slot < n.rm->size(0);
+  T* rm = update ? n.rm->data_ptr<T>() + slot * F : nullptr;
+  T* rv = update ? n.rv->data_ptr<T>() + slot * F : nullptr;
+  const T mom = static_cast<T>(n.momentum);
+  at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {
+    T* __restrict mu = mean_s;
+    T* __restrict rs = rstd_s;
+    for (int64_t j = j0; j < j1; ++j) mu[j] = 0;
+    for (int64_t r = 0; r < bs; ++r) {
+      const T* __restrict xr = x + r * F;
+      for (int64_t j = j0; j < j1; ++j) mu[j] += xr[j];
+    }
+    for (int64_t j = j0; j < j1; ++j) mu[j] /= bs, rs[j] = 0;
+    for (int64_t r = 0; r < bs; ++r) {
+      const T* __restrict xr = x + r * F;
+      for (int64_t j = j0; j < j1; ++j) {
+        const T d = xr[j] - mu[j];
+        rs[j] += d * d;  // the sum of squares, for now
+      }
+    }
+    if (update) {
+      for (int64_t j = j0; j < j1; ++j) {
+        rm[j] = (T(1) - mom) * rm[j] + mom * mu[j];
+        rv[j] = (T(1) - mom) * rv[j] + mom * rs[j] / (bs - 1);
+      }
+    }
+    for (int64_t j = j0; j < j1; ++j) rs[j] = T(1) / std::sqrt(rs[j] / bs + eps);
+    for (int64_t r = 0; r < bs; ++r) {
+      const T* __restrict xr = x + r * F;
+      T* __restrict yr = y + r * F;
+      for (int64_t j = j0; j < j1; ++j) {
+        const T a = (xr[j] - mu[j]) * rs[j];
+        yr[j] = a * (fw ? fw[j] : T(1)) + (fb ? fb[j] : T(0));
+      }
+    }
+  });
+}
+
+// dx = the gradient of x through N given that of its (unscaled) output dy; may be dy itself (in place). The gain and
+// shift gradients are added to n.dw, n.db.
+template <typename T>
+void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t F, int64_t t, int64_t save_off) {
+  const T* w = ptr_or_null<T>(n.w);
+  T* dw = mptr_or_null<T>(n.dw);
+  T* db = mptr_or_null<T>(n.db);
+  if (n.kind == NONE || (n.kind == AFFINE && !(n.mean.has_value() && n.mean->defined()))) {
+    if (dx != dy) std::copy(dy, dy + bs * F, dx);
+    return;
+  }
+  if (n.kind == AFFINE || n.kind == BN_TRAIN) {  // per-feature statistics
+    const T* mu = n.mean->data_ptr<T>() + t * F;
+    const T* rs = n.rstd->data_ptr<T>() + t * F;
+    const bool train = n.kind == BN_TRAIN;
+    at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {
+      const int64_t m = j1 - j0;
+      std::vector<T> sdy(m, T(0)), sdyx(m, T(0));
+      T* __restrict a = sdy.data();
+      T* __restrict b = sdyx.data();
+      for (int64_t r = 0; r < bs; ++r) {
+        const T* __restrict dyr = dy + r * F + j0;
+        const T* __restrict xr = x + r * F + j0;
+        for (int64_t k = 0; k < m; ++k) {
+          a[k] += dyr[k];
+          b[k] += dyr[k] * (xr[k] - mu[j0 + k]) * rs[j0 + k];
+        }
+      }
+      if (dw)
+        for (int64_t k = 0; k < m; ++k) dw[j0 + k] += b[k];
+      if (db)
+        for (int64_t k = 0; k < m; ++k) db[j0 + k] += a[k];
+      for (int64_t r = 0; r < bs; ++r) {
+        const T* __restrict dyr = dy + r * F + j0;
+        const T* __restrict xr = x + r * F + j0;
+        T* __restrict dxr = dx + r * F + j0;
+        for (int64_t k = 0; k < m; ++k) {
+          const T g = (w ? w[j0 + k] : T(1)) * rs[j0 + k];
+          if (train) {
+            const T xh = (xr[k] - mu[j0 + k]) * rs[j0 + k];
+            dxr[k] = (dyr[k] - a[k] / bs - xh * b[k] / bs) * g;
+          } else {
+            dxr[k] = dyr[k] * g;
+          }
+        }
+      }
+    });
+    return;
+  }
+  TORCH_CHECK(n.kind == LN || n.kind == RMS, "lstm_step: unknown norm kind ", n.kind);
+  const bool ln = n.kind == LN;
+  const T* mean_s = ln ? n.mean->data_ptr<T>() + save_off : nullptr;
+  const T* rstd_s = n.rstd->data_ptr<T>() + save_off;
+  // the gain and shift gradients first (feature-parallel), since dx may overwrite dy
+  if (dw || db) {
+    at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {
+      for (int64_t r = 0; r < bs; ++r) {
+        const T* __restrict dyr = dy + r * F;
+        const T* __restrict xr = x + r * F;
+        const T mu = mean_s ? mean_s[r] : T(0), rs = rstd_s[r];
+        if (dw)
+          for (int64_t j = j0; j < j1; ++j) dw[j] += dyr[j] * (xr[j] - mu) * rs;
+        if (db)
+          for (int64_t j = j0; j < j1; ++j) db[j] += dyr[j];
+      }
+    });
+  }
+  at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict dyr = dy + r * F;
+      const T* __restrict xr = x + r * F;
+      T* dxr = dx + r * F;
+      const T mu = mean_s ? mean_s[r] : T(0), rs = rstd_s[r];
+      T a = 0, b = 0;
+      for (int64_t j = 0; j < F; ++j) {
+        const T g = dyr[j] * (w ? w[j] : T(1));
+        a += g;
+        b += g * (xr[j] - mu) * rs;
+      }
+      a = ln ? a / F : T(0);
+      b /= F;
+      for (int64_t j = 0; j < F; ++j) {
+        const T g = dyr[j] * (w ? w[j] : T(1));
+        dxr[j] = (g - a - (xr[j] - mu) * rs * b) * rs;
+      }
+    }
+  });
+}
+
+void check(const Tensor& t, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == like.scalar_type() && t.device().is_cpu(), "lstm_step: ",
+              name, " must be a contiguous CPU tensor of the input's dtype");
+}
+
+// The forward step t: rows [off, off + bs) of u, c, h; s, sc, z_save and the LN/RMS statistics at save_off (the same
+// rows in training; a scratch of the first rows in inference); c_{t-1} from c0 (prev_off < 0) or c at prev_off.
+void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Tensor& gscale, const Tensor& c0,
+                  const Tensor& s, const Tensor& c, const Tensor& sc, const Tensor& h, OptT z_save, int64_t t, int64_t off, int64_t prev_off,
+                  int64_t bs, int64_t save_off) {
+  const int64_t H = c.size(1), G = 4 * H;
+  for (const Tensor* x : std::initializer_list<const Tensor*>{&z, &gscale, &c0, &s, &c, &sc, &h}) check(*x, u, "every tensor");
+  check(u, u, "u");
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "lstm_forward_step", [&] {
+    using T = scalar_t;
+    const T* zp = z.data_ptr<T>();
+    if (z_save.has_value() && z_save->defined()) std::copy(zp, zp + bs * G, z_save->data_ptr<T>() + save_off * G);
+    T* sp = s.data_ptr<T>() + save_off * G;
+    T* scp = sc.data_ptr<T>() + save_off * H;
+    T* cp = c.data_ptr<T>() + off * H;
+    T* hp = h.data_ptr<T>() + off * H;
+    const T* up = u.data_ptr<T>() + off * G;
+    const T* gs = gscale.data_ptr<T>();
+    const T* cprev = prev_off < 0 ? c0.data_ptr<T>() : c.data_ptr<T>() + prev_off * H;
+    norm_forward<T>(nh, zp, sp, bs, G, t, save_off);  // N_h(z)·scale into s
+    at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* __restrict sr = sp + r * G;
+        const T* __restrict ur = up + r * G;
+        for (int64_t j = 0; j < G; ++j) sr[j] = sigm(sr[j] + ur[j] * gs[j]);
+        const T* __restrict i = sr;
+        const T* __restrict f = sr + H;
+        const T* __restrict g = sr + 2 * H;
+        const T* __restrict cpr = cprev + r * H;
+        T* __restrict cr = cp + r * H;
+        for (int64_t j = 0; j < H; ++j) cr[j] = (i[j] * g[j] * T(2) - i[j]) + f[j] * cpr[j];
+      }
+    });
+    norm_forward<T>(nc, cp, scp, bs, H, t, save_off);  // 2 N_c(c) into sc
+    at::parallel_for(0, bs, row_grain(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict o = sp + r * G + 3 * H;
+        T* __restrict scr = scp + r * H;
+        T* __restrict hr = hp + r * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const T v = sigm(scr[j]);
+          scr[j] = v;
+          hr[j] = o[j] * v * T(2) - o[j];
+        }
+      }
+    });
+  });
+}
+
+// The backward step t: dh = dh_carry (+ dout rows), written back into dh_carry; du rows; dz (the gradient of
+// z = W_h h_{t-1}, through N_h) into dz_out unless N_h is none (then du's rows are it); dc_carry = dc ⊙ f. work: (bs, H).
+void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const Tensor& c, const Tensor& c0,
+                   OptT z, OptT dout, const Tensor& dh_carry, const Tensor& dc_carry, const Tensor& du, OptT dz_out, const Tensor& work,
+                   int64_t t, int64_t off, int64_t prev_off, int64_t bs) {
+  const int64_t H = c.size(1), G = 4 * H;
+  for (const Tensor* x : std::initializer_list<const Tensor*>{&sc, &c, &c0, &dh_carry, &dc_carry, &du, &work}) check(*x, s, "every tensor");
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_backward_step", [&] {
+    using T = scalar_t;
+    const T* sp = s.data_ptr<T>() + off * G;
+    const T* scp = sc.data_ptr<T>() + off * H;
+    const T* cp = c.data_ptr<T>() + off * H;
+    const T* cprev = prev_off < 0 ? c0.data_ptr<T>() : c.data_ptr<T>() + prev_off * H;
+    const T* dop = dout.has_value() && dout->defined() ? dout->data_ptr<T>() + off * H : nullptr;
+    T* dhp = dh_carry.data_ptr<T>();
+    T* dcp = dc_carry.data_ptr<T>();
+    T* dup = du.data_ptr<T>() + off * G;
+    T* wk = work.data_ptr<T>();
+    at::parallel_for(0, bs, row_grain(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* __restrict dh = dhp + r * H;
+        const T* __restrict scr = scp + r * H;
+        const T* __restrict o = sp + r * G + 3 * H;
+        T* __restrict dor = dup + r * G + 3 * H;
+        T* __restrict dn = wk + r * H;
+        if (dop) {
+          const T* __restrict dor_in = dop + r * H;
+          for (int64_t j = 0; j < H; ++j) dh[j] += dor_in[j];
+        }
+        for (int64_t j = 0; j < H; ++j) {
+          dor[j] = (scr[j] * T(2) - T(1)) * dh[j];          // dh ⊙ tanh(N_c(c_t))
+          dn[j] = (scr[j] - scr[j] * scr[j]) * o[j] * dh[j] * T(4);  // through tanh: 4σ'(2x)
+        }
+      }
+    });
+    norm_backward<T>(nc, wk, cp, wk, bs, H, t, off);  // the gradient of c_t through N_c, in place
+    at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict sr = sp + r * G;
+        T* __restrict dr = dup + r * G;
+        const T* __restrict dnr = wk + r * H;
+        T* __restrict dcr = dcp + r * H;
+        const T* __restrict cpr = cprev + r * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const T i = sr[j], f = sr[H + j], g = sr[2 * H + j];
+          const T dc = dnr[j] + dcr[j];
+          dr[j] = dc * g * T(2) - dc;  // dc ⊙ tanh(g)
+          dr[H + j] = dc * cpr[j];
+          dr[2 * H + j] = dc * i * T(4);
+          dcr[j] = dc * f;
+        }
+        for (int64_t j = 0; j < G; ++j) dr[j] *= sr[j] - sr[j] * sr[j];  // σ'; the candidate block: 4σ'(2g)
+      }
+    });
+    if (dz_out.has_value() && dz_out->defined()) {  // else N_h is none: du's rows are the gradient of z
+      TORCH_CHECK(z.has_value() && z->defined(), "lstm_step: a normalized W_h h needs z");
+      check(*z, s, "z");
+      check(*dz_out, s, "dz_out");
+      norm_backward<T>(nh, dup, z->data_ptr<T>() + off * G, dz_out->data_ptr<T>(), bs, G, t, off);
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "zoo.nn.fused: one step of the fused LSTM recurrence between its GEMMs (forward and backward)";
+  py::class_<Norm>(m, "Norm")
+      .def(py::init<>())
+      .def_readwrite("kind", &Norm::kind)
+      .def_readwrite("fw", &Norm::fw)
+      .def_readwrite("fb", &Norm::fb)
+      .def_readwrite("w", &Norm::w)
+      .def_readwrite("mean", &Norm::mean)
+      .def_readwrite("rstd", &Norm::rstd)
+      .def_readwrite("rm", &Norm::rm)
+      .def_readwrite("rv", &Norm::rv)
+      .def_readwrite("per_step", &Norm::per_step)
+      .def_readwrite("eps", &Norm::eps)
+      .def_readwrite("momentum", &Norm::momentum)
+      .def_readwrite("dw", &Norm::dw)
+      .def_readwrite("db", &Norm::db);
+  m.def("forward_step", &forward_step, "FusedLSTM forward step between the GEMMs");
+  m.def("backward_step", &backward_step, "FusedLSTM backward step between the GEMMs");
+}
