@@ -18,7 +18,10 @@ WORKDIR /workspace/zoo
 # Dependencies first (a layer that changes only with pyproject.toml), then the code.
 COPY pyproject.toml README.md ./
 COPY zoo ./zoo
+# The fused LSTM's C++ step (CPU only; the runtime image may lack a compiler: then the Python loop runs).
+ENV ZOO_EXT_DIR=/opt/zoo-ext
 RUN pip install . \
+    && (python -m zoo.nn.build || echo "zoo.nn.build failed: the fused LSTM runs its Python loop") \
     && python -c "import torch, lightning, zoo.nn; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 COPY train.py ./
 COPY configs ./configs
