@@ -227,3 +227,21 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path: Path, capsys: p
     assert "FAILED italy/nope/seed0: fit exited with" in capsys.readouterr().out
     assert [(r["arm"], r["status"]) for r in read_csv(out / "results.csv")] == [("nope", "failed"), ("lstm", "done")]
     assert "unknown variant 'nope'" in (out / "runs/italy/nope/seed0/log.txt").read_text().lower()
+
+
+def test_a_failed_eval_is_retried_without_refitting(tmp_path: Path) -> None:
+    path, out = write_plan(tmp_path / "p.yaml", arms=("lstm",)), tmp_path / "out"
+    raw = yaml.safe_load(path.read_text())
+    raw["tasks"]["italy"]["evals"] = {"broken": {"data.init_args.nope": 1}}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main([str(path), "--out", str(out)]) == 1
+    assert [r["status"] for r in read_csv(out / "results.csv")] == ["failed"]
+    rdir = out / "runs/italy/lstm/seed0"
+    assert json.loads((rdir / "result.json").read_text())["steps"] == 6  # the fit's result is kept
+
+    raw["tasks"]["italy"]["evals"] = {"batch 4": {"data.init_args.batch_size": 4}}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main([str(path), "--out", str(out)]) == 0
+    assert [r["status"] for r in read_csv(out / "results.csv")] == ["done"]
+    assert (rdir / "log.txt").read_text().count(" fit --config") == 1
+    assert not (rdir / "failed.txt").exists()

@@ -162,7 +162,10 @@ def _failed(rdir: Path, error: str) -> dict[str, Any]:
 
 
 def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
-    """Run (or resume, or skip) one run and its evals; return its result (``status`` "done" or "failed")."""
+    """Run (or resume, or skip) one run and its evals; return its result (``status`` "done" or "failed").
+
+    ``result.json`` is written when the fit ends and again after each eval, so a restart redoes only what is missing.
+    """
     rdir = run_dir(out, run)
     result_path = rdir / "result.json"
     if result_path.exists():
@@ -204,6 +207,7 @@ def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
             "test": last_test_metrics(rows),
             "evals": {},
         }
+        result_path.write_text(json.dumps(result, indent=1))  # the fit is done; evals may follow
     for label, overrides in run.evals:
         if label in result["evals"]:
             continue
@@ -215,28 +219,27 @@ def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
         if rc != 0:
             return _failed(rdir, f"eval {label!r} exited with {rc}; see {log}")
         result["evals"][label] = last_test_metrics(read_metrics(edir))
-    result_path.write_text(json.dumps(result, indent=1))
+        result_path.write_text(json.dumps(result, indent=1))
     return result
 
 
 def result_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
-    """One row per experiment x run of the plan, from the runs' ``result.json`` (pending runs: status "pending")."""
+    """One row per experiment x run of the plan, from the runs' ``result.json``: status "done" (fit and evals),
+    "failed" (the last attempt failed) or "pending"; the metrics known so far."""
     rows = []
     for exp in plan.experiments.values():
         for run in plan.experiment_runs(exp):
             path = run_dir(out, run) / "result.json"
             row: dict[str, Any] = {"experiment": exp.name, "task": run.task, "arm": run.arm, "seed": run.seed}
-            if not path.exists():
-                failed = (path.parent / "failed.txt").exists()
-                rows.append({**row, "status": "failed" if failed else "pending"})
-                continue
-            result = json.loads(path.read_text())
-            row.update({k: result.get(k) for k in RESULT_FIELDS if k not in row})
-            row["run_dir"] = str(Path("runs") / run.key)
-            row.update(result.get("test", {}))
-            for label, metrics in result.get("evals", {}).items():
-                row.update({f"{label}: {k}": v for k, v in metrics.items()})
-            rows.append(row)
+            status = "done" if finished(out, run) else "failed" if (path.parent / "failed.txt").exists() else "pending"
+            if path.exists():
+                result = json.loads(path.read_text())
+                row.update({k: result.get(k) for k in RESULT_FIELDS if k not in row})
+                row["run_dir"] = str(Path("runs") / run.key)
+                row.update(result.get("test", {}))
+                for label, metrics in result.get("evals", {}).items():
+                    row.update({f"{label}: {k}": v for k, v in metrics.items()})
+            rows.append({**row, "status": status})
     return rows
 
 
