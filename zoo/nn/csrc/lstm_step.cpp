@@ -59,6 +59,15 @@ inline const T* feature_row(const OptT& t, int64_t row, int64_t F) {
   return t->dim() == 2 ? t->data_ptr<T>() + row * F : t->data_ptr<T>();
 }
 
+// A per-feature pointer, or (when absent) one to F copies of `fill`: the loops then need no branch on it, which would
+// keep GCC from vectorizing them.
+template <typename T>
+inline const T* or_fill(const T* p, std::vector<T>& store, int64_t F, T fill) {
+  if (p) return p;
+  store.assign(F, fill);
+  return store.data();
+}
+
 inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)); }
 constexpr int64_t kFeatureGrain = 256;
 
@@ -121,6 +130,9 @@ void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, i
     return;
   }
   TORCH_CHECK(n.kind == BN_TRAIN, "lstm_step: unknown norm kind ", n.kind);
+  std::vector<T> ones, zeros;
+  fw = or_fill(fw, ones, F, T(1));
+  fb = or_fill(fb, zeros, F, T(0));
   T* mean_s = n.mean->data_ptr<T>() + t * F;
   T* rstd_s = n.rstd->data_ptr<T>() + t * F;
   const int64_t slot = n.per_step ? t : 0;
@@ -156,7 +168,7 @@ void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, i
       T* __restrict yr = y + r * F;
       for (int64_t j = j0; j < j1; ++j) {
         const T a = (xr[j] - mu[j]) * rs[j];
-        yr[j] = a * (fw ? fw[j] : T(1)) + (fb ? fb[j] : T(0));
+        yr[j] = a * fw[j] + fb[j];
       }
     }
   });
@@ -166,7 +178,8 @@ void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, i
 // shift gradients are added to n.dw, n.db.
 template <typename T>
 void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t F, int64_t t, int64_t save_off) {
-  const T* w = ptr_or_null<T>(n.w);
+  std::vector<T> ones;
+  const T* w = or_fill(ptr_or_null<T>(n.w), ones, F, T(1));
   T* dw = mptr_or_null<T>(n.dw);
   T* db = mptr_or_null<T>(n.db);
   if (n.kind == NONE || (n.kind == AFFINE && !(n.mean.has_value() && n.mean->defined()))) {
@@ -199,7 +212,7 @@ void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t 
         const T* __restrict xr = x + r * F + j0;
         T* __restrict dxr = dx + r * F + j0;
         for (int64_t k = 0; k < m; ++k) {
-          const T g = (w ? w[j0 + k] : T(1)) * rs[j0 + k];
+          const T g = w[j0 + k] * rs[j0 + k];
           if (train) {
             const T xh = (xr[k] - mu[j0 + k]) * rs[j0 + k];
             dxr[k] = (dyr[k] - a[k] / bs - xh * b[k] / bs) * g;
@@ -237,14 +250,14 @@ void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t 
       const T mu = mean_s ? mean_s[r] : T(0), rs = rstd_s[r];
       T a = 0, b = 0;
       for (int64_t j = 0; j < F; ++j) {
-        const T g = dyr[j] * (w ? w[j] : T(1));
+        const T g = dyr[j] * w[j];
         a += g;
         b += g * (xr[j] - mu) * rs;
       }
       a = ln ? a / F : T(0);
       b /= F;
       for (int64_t j = 0; j < F; ++j) {
-        const T g = dyr[j] * (w ? w[j] : T(1));
+        const T g = dyr[j] * w[j];
         dxr[j] = (g - a - (xr[j] - mu) * rs * b) * rs;
       }
     }
