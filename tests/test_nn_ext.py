@@ -165,3 +165,10 @@ def test_load_never_compiles(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("ZOO_EXT_DIR", str(tmp_path))
     assert _ext.load() is None
     assert not any(tmp_path.iterdir())
+
+
+def test_a_build_for_another_cpu_is_never_loaded(monkeypatch) -> None:
+    """The cache folder depends on the CPU (the build uses -march=native): another CPU looks elsewhere."""
+    here = _ext.build_directory()
+    monkeypatch.setattr(_ext, "cpu_identity", lambda: "model name : an older CPU\nflags : sse sse2")
+    assert _ext.build_directory() != here and _ext.build_directory().parent == here.parent

@@ -3,7 +3,8 @@
 `load` never compiles unless asked (``build=True``, as ``python -m zoo.nn.build`` does): at run time the fused path
 uses the extension only when its shared library is already in the cache, so a layer's first call never waits a
 minute for the compiler. The cache is ``$ZOO_EXT_DIR/ext-<torch version>-<hash>`` (default root ``~/.cache/zoo``),
-the hash covering the source and the compiler flags, so a changed source or another torch never loads a stale build.
+the hash covering the source, the compiler flags and the CPU (its model and instruction-set flags: the build uses
+``-march=native``), so a changed source, another torch or a cache (or image) built on another CPU never loads.
 ``ZOO_NO_EXT=1`` disables the extension (the Python loop runs).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
@@ -29,9 +31,20 @@ def disabled() -> bool:
     return os.environ.get("ZOO_NO_EXT", "") not in ("", "0")
 
 
+def cpu_identity() -> str:
+    """The CPU's model and instruction-set flags (Linux: the first processor of /proc/cpuinfo), else its name."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        first = info.read_text().split("\n\n", 1)[0]
+        keep = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+        return "\n".join(line for line in first.splitlines() if line.split(":", 1)[0].strip() in keep)
+    return f"{platform.machine()} {platform.processor()}"
+
+
 def build_directory() -> Path:
-    """The cache folder of this source, these flags and this torch."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    """The cache folder of this source, these flags, this CPU and this torch."""
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + cpu_identity().encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     root = Path(os.environ.get("ZOO_EXT_DIR") or Path.home() / ".cache" / "zoo")
     return root / f"ext-{torch.__version__}-{digest}"
 
