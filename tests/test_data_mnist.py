@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zoo.data import DataError, SequentialMNIST
-from zoo.data.mnist import read_idx_gz
+from zoo.data.mnist import MNIST_MEAN, MNIST_STD, read_idx_gz
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"no {DATA}/mnist")
@@ -22,8 +22,8 @@ def raw(name: str) -> torch.Tensor:
 
 
 @cache
-def loaded(permuted: bool = False, seed: int | None = None) -> SequentialMNIST:
-    dm = SequentialMNIST(data_dir=str(DATA / "mnist"), batch_size=32, permuted=permuted, seed=seed)
+def loaded(permuted: bool = False, seed: int | None = None, normalize: bool = False) -> SequentialMNIST:
+    dm = SequentialMNIST(data_dir=str(DATA / "mnist"), batch_size=32, permuted=permuted, seed=seed, normalize=normalize)
     dm.setup()
     return dm
 
@@ -46,6 +46,39 @@ def test_shapes_and_last_10k_validation() -> None:
     x, _, y = dm.dataset("test")[1234]
     assert torch.equal(x.squeeze(-1), raw("t10k-images-idx3-ubyte.gz").view(10000, 784)[1234].float() / 255)
     assert y == raw("t10k-labels-idx1-ubyte.gz")[1234]
+
+
+@needs_mnist
+def test_normalize_standardizes_with_the_training_statistics() -> None:
+    pixels = raw("train-images-idx3-ubyte.gz").double() / 255
+    assert pixels.mean().item() == pytest.approx(MNIST_MEAN, abs=5e-5)
+    assert pixels.std().item() == pytest.approx(MNIST_STD, abs=5e-5)
+    plain, standard = loaded(), loaded(normalize=True)
+    assert SequentialMNIST().hparams.normalize  # the default
+    for split in ("train", "test"):
+        x, _, _ = plain.dataset(split)[3]
+        z, _, _ = standard.dataset(split)[3]
+        assert torch.allclose(z, (x - MNIST_MEAN) / MNIST_STD)
+        assert (z != 0).all()  # no exact zeros: the background is -0.42
+
+
+@needs_mnist
+@pytest.mark.parametrize("variant", ["ln_lstm", "rms_lstm"])
+def test_layer_norm_lstm_gradients_on_raw_and_standardized_pixels(variant: str) -> None:
+    """Raw pixels: runs of exact zeros give W_x x = 0 and a zero c_t, zero-variance inputs whose gradient the norm
+    scales by 1/sqrt(eps) at every step (inf, then NaN); standardized pixels keep every gradient finite."""
+    import zoo.nn
+
+    grads = {}
+    for normalize in (False, True):
+        x = torch.stack([loaded(permuted=True, normalize=normalize).dataset("train")[i][0] for i in range(8)])
+        torch.manual_seed(0)
+        rnn = zoo.nn.RNN(variant, 1, 16, batch_first=True)
+        out, _ = rnn(x[:, :60])
+        out[:, -1].sum().backward()
+        grads[normalize] = torch.cat([p.grad.flatten() for p in rnn.parameters()])
+    assert not grads[False].isfinite().all()
+    assert grads[True].isfinite().all()
 
 
 @needs_mnist

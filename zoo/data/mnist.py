@@ -63,13 +63,25 @@ def read_idx_gz(path: str | Path, sha256: str | None = None, shape: tuple[int, .
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(dims)
 
 
-class PixelSequences(Dataset):
-    """Images as sequences of one pixel per step, in ``permutation`` order, scaled to [0, 1]: items (x, length, y)."""
+# Mean and standard deviation of the 60k training images' pixels scaled to [0, 1] (tests/test_data_mnist.py checks them)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, permutation: torch.Tensor | None = None) -> None:
+
+class PixelSequences(Dataset):
+    """Images as sequences of one pixel per step, in ``permutation`` order: items (x, length, y), x scaled to [0, 1],
+    then, with ``normalize``, standardized to (x − mean) / std with the training set's `MNIST_MEAN`, `MNIST_STD`."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        permutation: torch.Tensor | None = None,
+        normalize: bool = False,
+    ) -> None:
         self.images = images.flatten(1)
         self.labels = labels.long()
         self.permutation = permutation
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,7 +90,10 @@ class PixelSequences(Dataset):
         x = self.images[i]
         if self.permutation is not None:
             x = x[self.permutation]
-        return x.float().div_(255).unsqueeze(-1), x.shape[0], self.labels[i]
+        x = x.float().div_(255)
+        if self.normalize:
+            x = x.sub_(MNIST_MEAN).div_(MNIST_STD)
+        return x.unsqueeze(-1), x.shape[0], self.labels[i]
 
 
 class SequentialMNIST(L.LightningDataModule):
@@ -91,7 +106,11 @@ class SequentialMNIST(L.LightningDataModule):
     ``torch.randperm(784)`` drawn from a generator seeded with ``permutation_seed``, the same for all splits; it is
     saved in the DataModule's ``state_dict`` (so in checkpoints) and a loaded one takes precedence.
 
-    Batches are ``(x, lengths, y)``: x float (B, 784, 1) in [0, 1], lengths long (B,) (all 784), y long (B,).
+    Batches are ``(x, lengths, y)``: x float (B, 784, 1), lengths long (B,) (all 784), y long (B,). The pixels are
+    scaled to [0, 1] and, with ``normalize`` (default), standardized with the training set's mean and std (0.1307,
+    0.3081), so the background is -0.42, not 0: a layer-normalized LSTM reading exact zeros has W_x x = 0 for every
+    feature, a zero-variance input whose gradient the norm scales by 1/sqrt(eps) step after step until it overflows
+    (NaN); ``normalize=False`` gives the raw [0, 1] pixels.
     """
 
     base_url = "https://ossci-datasets.s3.amazonaws.com/mnist"
@@ -106,6 +125,7 @@ class SequentialMNIST(L.LightningDataModule):
         seed: int | None = None,
         num_workers: int = 0,
         base_url: str | None = None,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         if not 0 < val_size < 60000:
@@ -159,7 +179,7 @@ class SequentialMNIST(L.LightningDataModule):
     def dataset(self, split: str) -> PixelSequences:
         """The ``split`` ("train", "val" or "test") as pixel sequences."""
         self.setup()
-        return PixelSequences(*self._data[split], self.permutation)
+        return PixelSequences(*self._data[split], self.permutation, self.hparams.normalize)
 
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(
