@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -228,3 +229,13 @@ def test_packed_sequence_in_packed_sequence_out(variant: str, fused: bool, enfor
         expected = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=enforce_sorted)
         torch.testing.assert_close(out.data, expected.data)
         torch.testing.assert_close(as_tuple(final), as_tuple(padded_final))
+
+
+@pytest.mark.parametrize("variant", ["ln_lstm", "rms_lstm", "ln_gru", "rms_gru"])
+def test_layer_norm_of_a_single_input_feature_warns(variant: str) -> None:
+    with pytest.warns(UserWarning, match="input_size=1: normalizing W_x x over its features gives sign"):
+        zoo.nn.RNN(variant, 1, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zoo.nn.RNN(variant, 2, 4)
+        zoo.nn.RNN("bn_lstm", 1, 4)

@@ -14,6 +14,7 @@ state of every sequence is its state after its last valid step, as with a `Packe
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,17 @@ class _NormalizedLSTMCell(LSTMCell):
         return out, (h, c)
 
 
+def _warn_scalar_input(cell: nn.Module, input_size: int) -> None:
+    """Layer/RMS-normalizing W_x x over the features of a 1-feature input keeps only the sign of x."""
+    if input_size == 1:
+        warnings.warn(
+            f"{type(cell).__name__} with input_size=1: normalizing W_x x over its features gives sign(x) times a "
+            "constant vector (the magnitude of x is lost, and x = 0 is a zero-variance input whose gradient is "
+            "scaled by 1/sqrt(eps)); standardize the input (no exact zeros) or embed it in more features first",
+            stacklevel=3,
+        )
+
+
 def _step_bn(bn: MaskedBatchNorm, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
     """Apply a time-major batch norm to one step ``(B, F)`` of time step ``t``."""
     return bn(x.unsqueeze(0), None if mask is None else mask.unsqueeze(0), start=t).squeeze(0)
@@ -357,6 +369,7 @@ class LNLSTMCell(_NormalizedLSTMCell):
         self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5, forget_bias: float = 1.0
     ) -> None:
         super().__init__(input_size, hidden_size, bias, forget_bias)
+        _warn_scalar_input(self, input_size)
         g = self.num_gates * hidden_size
         self.ln_ih = self.norm_layer(g, eps=eps)
         self.ln_hh = self.norm_layer(g, eps=eps)
@@ -444,6 +457,7 @@ class LNGRUCell(GRUCell):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5) -> None:
         super().__init__(input_size, hidden_size, bias)
+        _warn_scalar_input(self, input_size)
         h = hidden_size
         self.ln_ih_rz = self.norm_layer(2 * h, eps=eps)
         self.ln_ih_n = self.norm_layer(h, eps=eps)
