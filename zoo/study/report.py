@@ -225,7 +225,9 @@ def _sessions(study_dir: Path) -> list[str]:
         line = (
             f"- {env.get('cpu')} ({env.get('cores')} cores{gpu}), PyTorch {env.get('torch')}, Python "
             f"{env.get('python')}; {env.get('workers')} runs at a time with {env.get('threads')} thread(s) each; "
-            f"malloc settings {env.get('malloc') or 'default'}; code at commit {env.get('commit') or 'unknown'}"
+            f"malloc settings {env.get('malloc') or 'default'}; fused LSTM step "
+            f"{'compiled (C++ extension)' if env.get('lstm_step_extension') else 'in Python'}; "
+            f"code at commit {env.get('commit') or 'unknown'}"
         )
         if line not in lines:
             lines.append(line)

@@ -259,6 +259,8 @@ def environment(workers: int, threads: int) -> dict[str, Any]:
     """What ran the study: machine, software, parallelism, code version (for the report's "How this was made")."""
     import torch
 
+    from zoo.nn.fused import extension_available
+
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -279,6 +281,7 @@ def environment(workers: int, threads: int) -> dict[str, Any]:
         "workers": workers,
         "threads": threads,
         "malloc": child_env(threads).get("GLIBC_TUNABLES"),
+        "lstm_step_extension": extension_available(),
         "commit": version,
     }
 
