@@ -245,3 +245,9 @@ def test_a_failed_eval_is_retried_without_refitting(tmp_path: Path) -> None:
     assert [r["status"] for r in read_csv(out / "results.csv")] == ["done"]
     assert (rdir / "log.txt").read_text().count(" fit --config") == 1
     assert not (rdir / "failed.txt").exists()
+
+
+def test_the_committed_plan_is_valid() -> None:
+    plan = load_plan("configs/study/plan.yaml")
+    assert len(plan.seeds) >= 2 and {"variants", "statistics", "input_only", "gamma"} <= set(plan.experiments)
+    assert all(len(set(r.key for r in plan.runs([e]))) > 0 for e in plan.experiments)
