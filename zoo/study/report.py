@@ -124,7 +124,7 @@ def plot_curves(curves: dict[str, list[Curve]], monitor: str, title: str, colors
 def plot_test(values: dict[str, list[float]], metric: str, title: str, colors: dict[str, Any], path: Path) -> None:
     """The test metric per arm: the mean as a line with its value, each seed as a dot."""
     arms = [arm for arm, v in values.items() if v]
-    fig, ax = plt.subplots(figsize=(min(8.0, 2.5 + 1.2 * len(arms)), 3.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(min(8.0, max(6.0, 2.5 + 1.2 * len(arms))), 3.5), layout="constrained")
     for i, arm in enumerate(arms):
         seeds, mean = values[arm], statistics.fmean(values[arm])
         ax.hlines(mean, i - 0.3, i + 0.3, color=colors[arm], linewidth=2.5)
@@ -133,7 +133,7 @@ def plot_test(values: dict[str, list[float]], metric: str, title: str, colors: d
         ax.scatter([i + o for o in offsets], seeds, color=colors[arm], edgecolor="black", linewidth=0.5, zorder=3)
     ax.set_xticks(range(len(arms)), arms, rotation=20 if max(len(a) for a in arms) > 10 else 0)
     ax.set_xlim(-0.6, len(arms) - 0.2)
-    ax.set(ylabel=axis_label(metric), title=f"{title}: {metric} (line: mean, dots: seeds)")
+    ax.set(ylabel=axis_label(metric), title=f"{title}\n{metric} (line: mean, dots: seeds)")
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
