@@ -321,11 +321,8 @@ def run_plan(
     if dry_run:
         for run in runs:
             rdir = run_dir(out, run)
-            state = (
-                "done"
-                if (rdir / "result.json").exists()
-                else ("resume" if (rdir / "checkpoints" / "last.ckpt").exists() else "pending")
-            )
+            resumable = (rdir / "checkpoints" / "last.ckpt").exists()
+            state = "done" if finished(out, run) else "resume" if resumable else "pending"
             print(f"{state:8s} {run.key}: python {shlex.join(fit_command(run, out, state == 'resume')[1:])}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
