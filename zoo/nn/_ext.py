@@ -21,7 +21,8 @@ import torch
 
 NAME = "zoo_lstm_step"
 SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
-CFLAGS = ["-O3", "-march=native", "-ffast-math"]  # -ffast-math lets GCC call glibc's vector expf (libmvec)
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # -ffast-math: glibc's vector expf (libmvec)
+LDFLAGS = ["-fopenmp"]
 
 _loaded: dict[str, ModuleType | None] = {}
 
@@ -43,7 +44,7 @@ def cpu_identity() -> str:
 
 def build_directory() -> Path:
     """The cache folder of this source, these flags, this CPU and this torch."""
-    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + cpu_identity().encode()
+    key = SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + cpu_identity().encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     root = Path(os.environ.get("ZOO_EXT_DIR") or Path.home() / ".cache" / "zoo")
     return root / f"ext-{torch.__version__}-{digest}"
@@ -68,7 +69,7 @@ def load(build: bool = False) -> ModuleType | None:
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
-            name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(folder), verbose=False
+            name=NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(folder), verbose=False
         )
         _loaded[key] = module
         return module

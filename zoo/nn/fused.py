@@ -64,14 +64,13 @@ def _onednn(t: Tensor) -> bool:
 def outer(a: Tensor, b: Tensor) -> Tensor:
     """``a.T @ b`` (a weight gradient: ``(N, F)``, ``(N, H)`` -> ``(F, H)``), through oneDNN's GEMM on CPU.
 
-    MKL, which `torch.mm` uses on CPU, runs at about half of oneDNN's speed for these shapes on the AMD processors
-    measured here; the two transposed copies cost far less than the difference.
+    Computed as ``(b.T @ a).T`` with oneDNN's linear: ``b.T`` (the smaller operand: the hidden or input features) is
+    copied, ``a`` is read in place as the linear's weight. MKL, which `torch.mm` uses on CPU, runs at about half of
+    this speed for these shapes on the AMD processors measured here. The result is a transposed view.
     """
     if not _onednn(a):
         return a.t().mm(b)
-    x = a.t().contiguous()
-    w = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), x.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(b.t().contiguous(), a.t(), None, "none", [], "").t()
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -85,7 +84,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dx = Linear(weight.t().contiguous(), dy.shape[0])(dy) if ctx.needs_input_grad[0] else None
-        dw = dy.t().mm(x) if ctx.needs_input_grad[1] else None  # (`outer` would copy dy: more memory than time)
+        dw = outer(dy, x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -298,11 +297,24 @@ class Layout:
         lengths = (torch.arange(sizes[0]).unsqueeze(0) < sizes.unsqueeze(1)).sum(0)
         return (torch.tensor(self.offsets)[lengths - 1] + torch.arange(sizes[0])).to(device)
 
-    def previous(self, first: Tensor, packed: Tensor) -> Tensor:
-        """For every packed row, the row of the step before: ``first`` at t = 0, else the packed row of step t − 1."""
-        parts = [first[: self.batch_sizes[0]]]
-        parts += [packed[self.prev(t)] for t in range(1, len(self.batch_sizes))]
-        return torch.cat(parts)
+    def previous(self, first: Tensor, packed: Tensor, steps: range | None = None) -> Tensor:
+        """For the packed rows of ``steps`` (default: all), the row of the step before: ``first`` at t = 0, else the
+        packed row of step t − 1. Consecutive steps of equal batch size read one slice of ``packed`` (no copy)."""
+        parts: list[Tensor] = []
+        lo = hi = -1  # the packed rows [lo, hi) not yet taken
+        for t in steps if steps is not None else range(len(self.batch_sizes)):
+            if t == 0:
+                parts.append(first[: self.batch_sizes[0]])
+                continue
+            prev = self.prev(t)
+            if prev.start != hi:
+                if hi > lo:
+                    parts.append(packed[lo:hi])
+                lo = prev.start
+            hi = prev.stop
+        if hi > lo:
+            parts.append(packed[lo:hi])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class OuterSum:
@@ -316,7 +328,7 @@ class OuterSum:
         self.layout, self.h0, self.h = layout, h0, h
         self.cap = min(max(rows, layout.batch_sizes[0]), layout.rows)
         self.buf = h.new_empty(self.cap, features)
-        self.grad = h.new_zeros(features, h.shape[1])
+        self.grad = h.new_zeros(h.shape[1], features).t()  # the layout `outer` returns
         self.steps: list[int] = []  # the steps in the chunk, in reverse time
         self.hi = 0  # the packed row where the chunk ends
 
@@ -332,11 +344,8 @@ class OuterSum:
 
     def _flush(self) -> None:
         lo = self.cap - (self.hi - self.layout.offsets[self.steps[-1]])
-        prev = [
-            self.h0[: self.layout.batch_sizes[0]] if t == 0 else self.h[self.layout.prev(t)]
-            for t in reversed(self.steps)
-        ]
-        self.grad.add_(outer(self.buf[lo:], torch.cat(prev)))
+        prev = self.layout.previous(self.h0, self.h, range(self.steps[-1], self.steps[0] + 1))
+        self.grad.add_(outer(self.buf[lo:], prev))
         self.steps = []
 
     def result(self) -> Tensor:
