@@ -172,3 +172,70 @@ def test_a_build_for_another_cpu_is_never_loaded(monkeypatch) -> None:
     here = _ext.build_directory()
     monkeypatch.setattr(_ext, "cpu_identity", lambda: "model name : an older CPU\nflags : sse sse2")
     assert _ext.build_directory() != here and _ext.build_directory().parent == here.parent
+
+
+def _input_norms() -> list[tuple[str, torch.nn.Module]]:
+    bn = zoo.nn.norm.MaskedBatchNorm
+    return [
+        ("layernorm", torch.nn.LayerNorm(8)),
+        ("rmsnorm", zoo.nn.norm.RMSNorm(8)),
+        ("bn-per-step", bn(8, max_steps=T, gamma=0.1, bias=False)),
+        ("bn-past-max-steps", bn(8, max_steps=T - 2, gamma=0.1, bias=True)),
+        ("bn-shared", bn(8, None, bias=False)),
+    ]
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "noshift"])
+@pytest.mark.parametrize("index", range(5), ids=[n for n, _ in _input_norms()])
+def test_input_norm_kernel_equals_module(index: int, shift: bool) -> None:
+    """`normalize_input` (the compiled pass over W_x x of all steps) = the module plus the shift: output, every
+    gradient, running statistics (float64, statistics away from their start)."""
+    _, module = _input_norms()[index]
+    module = module.double().train()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    if hasattr(module, "running_mean"):
+        module(torch.randn(T, B, 8, dtype=torch.float64) * 2 + 1)  # running statistics away from (0, 1)
+    reference = copy.deepcopy(module)
+    x = torch.randn(T, B, 8, dtype=torch.float64) * 3 + 0.5
+    b = torch.randn(8, dtype=torch.float64) if shift else None
+    dy = torch.randn(T, B, 8, dtype=torch.float64)
+    results = []
+    for m, kernel in ((module, True), (reference, False)):
+        xr = x.clone().requires_grad_()
+        br = None if b is None else b.clone().requires_grad_()
+        y = fused_module.normalize_input(m, xr, br, None) if kernel else m(xr) + (0 if br is None else br)
+        assert y is not None
+        wrt = [xr, *m.parameters()] + ([] if br is None else [br])
+        results.append((y, torch.autograd.grad((y * dy).sum(), wrt), [t.clone() for t in m.buffers()]))
+    (y, grads, buffers), (ry, rgrads, rbuffers) = results
+    torch.testing.assert_close(y, ry, rtol=1e-10, atol=1e-11)
+    for g, rg in zip(grads, rgrads, strict=True):
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(buffers, rbuffers, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("index", range(5), ids=[n for n, _ in _input_norms()])
+def test_input_norm_kernel_gradcheck(index: int) -> None:
+    _, module = _input_norms()[index]
+    module = module.double().train()
+    x = torch.randn(T, 3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    weight = next(module.parameters()).detach().clone().requires_grad_()
+    norm = fused_module.StepNorm(module)  # the kind, eps and running statistics; the gain is gradcheck's input
+
+    def f(x, b, weight):
+        return fused_module._InputNorm.apply(x, weight, b, norm, _ext.load())
+
+    assert torch.autograd.gradcheck(f, (x, b, weight))
+
+
+def test_input_norm_kernel_declines_what_it_lacks() -> None:
+    """Padding, evaluation mode and a past-T_max error go to the module (None)."""
+    bn = zoo.nn.norm.MaskedBatchNorm(8, max_steps=T - 1, past_max_steps="error")
+    x = torch.randn(T, B, 8)
+    assert fused_module.normalize_input(bn, x, None, torch.ones(T, B, dtype=torch.bool)) is None
+    assert fused_module.normalize_input(bn.eval(), x, None, None) is None
+    assert fused_module.normalize_input(bn.train(), x, None, None) is None
+    assert fused_module.normalize_input(bn, x[: T - 1], None, None) is not None

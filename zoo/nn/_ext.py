@@ -69,7 +69,12 @@ def load(build: bool = False) -> ModuleType | None:
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
-            name=NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(folder), verbose=False
+            name=NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=list(CFLAGS),  # (copies: cpp_extension appends to them)
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(folder),
+            verbose=False,
         )
         _loaded[key] = module
         return module

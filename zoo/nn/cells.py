@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from .fused import FusedGRU, FusedIndRNN, FusedLSTM, StepNorm, candidate_scale, linear, run_packed
+from .fused import FusedGRU, FusedIndRNN, FusedLSTM, StepNorm, candidate_scale, linear, normalize_input, run_packed
 from .norm import MaskedBatchNorm, RMSNorm
 
 State = tuple[Tensor, ...]
@@ -188,8 +188,17 @@ class _NormalizedLSTMCell(LSTMCell):
             self.bias.data[self.hidden_size : 2 * self.hidden_size] = self.forget_bias
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        u = self.norm_ih(linear(x, self.weight_ih), mask)
+        p = linear(x, self.weight_ih)
+        if self.fused and self.input_norm() is not None:  # N(p) + b in one compiled pass, where it applies
+            u = normalize_input(self.input_norm(), p, self.bias, mask)
+            if u is not None:
+                return u
+        u = self.norm_ih(p, mask)
         return u if self.bias is None else u + self.bias
+
+    def input_norm(self) -> nn.Module | None:
+        """The module normalizing W_x x, for the fused path (None: `norm_ih` is not one module)."""
+        return None
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return self.norm_hh(F.linear(h, self.weight_hh), t, mask)
@@ -298,6 +307,9 @@ class BNLSTMCell(_NormalizedLSTMCell):
     def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return self.bn_ih(x, mask)
 
+    def input_norm(self) -> nn.Module:
+        return self.bn_ih
+
     def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return x if self.bn_hh is None else _step_bn(self.bn_hh, x, t, mask)
 
@@ -345,6 +357,9 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
     def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return self.bn_ih(x, mask)
 
+    def input_norm(self) -> nn.Module:
+        return self.bn_ih
+
     def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return x
 
@@ -377,6 +392,9 @@ class LNLSTMCell(_NormalizedLSTMCell):
 
     def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return self.ln_ih(x)
+
+    def input_norm(self) -> nn.Module:
+        return self.ln_ih
 
     def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return self.ln_hh(x)

@@ -268,6 +268,70 @@ class StepNorm:
         return self.dw, self.db
 
 
+def normalize_input(module: nn.Module, x: Tensor, shift: Tensor | None, mask: Tensor | None) -> Tensor | None:
+    """``module(x) + shift`` for the input term ``x`` ``(T, B, F)`` of all steps, in one compiled pass each way.
+
+    It applies to LayerNorm and RMSNorm, and to a batch norm in training without padding (``mask`` None) or
+    synchronization; elsewhere (and without the compiled extension) it returns None and the caller runs the module.
+    The shift (the cell's bias) is added inside the normalization's own pass, so no extra pass over ``x`` is made.
+    """
+    norm = StepNorm(module)
+    if norm.kind == "bn":
+        bn: MaskedBatchNorm = module
+        if not bn.training or mask is not None or bn.synchronized:
+            return None
+        if bn.per_step and bn.past_max_steps == "error" and x.shape[0] > bn.max_steps:
+            return None  # the module raises its error
+    if x.dim() != 3 or not x.is_contiguous() or norm.weight is None:
+        return None
+    ext = _extension(x, *([] if shift is None else [shift]), norm)
+    if ext is None:
+        return None
+    if norm.bias is not None:
+        shift = norm.bias if shift is None else norm.bias + shift
+    return _InputNorm.apply(x, norm.weight, shift, norm, ext)
+
+
+class _InputNorm(torch.autograd.Function):
+    """`normalize_input`'s pass: the compiled `norm_rows` kernels on the ``(T·B, F)`` rows (a batch norm with
+    per-step statistics: one group of B rows per step)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, shift, norm: StepNorm, ext):
+        steps, batch, features = x.shape
+        rows = x.view(steps * batch, features)
+        n = ext.Norm()
+        n.fw, n.fb, n.w = weight, shift, weight
+        n.eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        groups = 1
+        if norm.kind in ("ln", "rms"):
+            n.kind = 1 if norm.kind == "ln" else 2
+            n.mean = x.new_empty(steps * batch) if norm.kind == "ln" else None
+            n.rstd = x.new_empty(steps * batch)
+        else:
+            bn: MaskedBatchNorm = norm.module
+            groups = steps if bn.per_step else 1
+            n.kind, n.per_step, n.momentum = 3, bn.per_step, bn.momentum
+            n.mean, n.rstd = x.new_empty(groups, features), x.new_empty(groups, features)
+            n.rm, n.rv = bn.running_mean, bn.running_var
+        y = torch.empty_like(x)
+        ext.norm_rows_forward(n, rows, y.view_as(rows), groups)
+        ctx.save_for_backward(x)
+        ctx.norm, ctx.groups, ctx.ext = n, groups, ext
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        n = ctx.norm
+        n.dw = torch.zeros_like(n.w) if ctx.needs_input_grad[1] else None
+        n.db = torch.zeros_like(n.fb) if ctx.needs_input_grad[2] else None
+        dx = torch.empty_like(x)
+        rows = x.view(-1, x.shape[-1])
+        ctx.ext.norm_rows_backward(n, dy.contiguous().view_as(rows), rows, dx.view_as(rows), ctx.groups)
+        return _grads(ctx, dx, n.dw, n.db)
+
+
 @dataclass
 class Layout:
     """Packed order: ``batch_sizes[t]`` rows run at step t, starting at row ``offsets[t]`` of the packed tensors."""
@@ -528,11 +592,12 @@ class FusedLSTM(torch.autograd.Function):
         norm_c.ext_finish()
 
 
-def _extension(u: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, *norms: StepNorm):
-    """The compiled step's module when it is built and applies to these tensors (CPU, float32/float64), else None."""
+def _extension(u: Tensor, *items: Tensor | StepNorm):
+    """The compiled extension when it is built and applies to ``u`` and ``items`` (tensors, and norms whose tensors
+    count too): CPU, float32/float64, one dtype, ``u`` contiguous; else None."""
     if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or not u.is_contiguous():
         return None
-    tensors = [h0, c0, w_hh] + [t for n in norms for t in n.ext_tensors()]
+    tensors = [t for i in items for t in (i.ext_tensors() if isinstance(i, StepNorm) else [i])]
     if any(t.device != u.device or t.dtype != u.dtype for t in tensors):
         return None
     return _ext.load()

@@ -381,10 +381,42 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
   });
 }
 
+// y = N(x) for x (R, F) split into `groups` equal groups of consecutive rows: a training batch norm takes the
+// statistics of each group (group g is time step g: its row of the saved statistics and of the running statistics);
+// LayerNorm and RMSNorm (groups = 1) normalize each row. The input term W_x x of all steps at once.
+void norm_rows_forward(Norm& n, const Tensor& x, const Tensor& y, int64_t groups) {
+  check(x, x, "x");
+  check(y, x, "y");
+  const int64_t R = x.size(0), F = x.size(1);
+  TORCH_CHECK(groups >= 1 && R % groups == 0, "norm_rows: ", R, " rows do not split into ", groups, " groups");
+  const int64_t per = R / groups;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_rows_forward", [&] {
+    for (int64_t g = 0; g < groups; ++g)
+      norm_forward<scalar_t>(n, x.data_ptr<scalar_t>() + g * per * F, y.data_ptr<scalar_t>() + g * per * F, per, F, g,
+                             g * per);
+  });
+}
+
+// The backward of norm_rows_forward: dx from dy; the gain and shift gradients are added to n.dw, n.db.
+void norm_rows_backward(Norm& n, const Tensor& dy, const Tensor& x, const Tensor& dx, int64_t groups) {
+  check(x, x, "x");
+  check(dy, x, "dy");
+  check(dx, x, "dx");
+  const int64_t R = x.size(0), F = x.size(1);
+  TORCH_CHECK(groups >= 1 && R % groups == 0, "norm_rows: ", R, " rows do not split into ", groups, " groups");
+  const int64_t per = R / groups;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_rows_backward", [&] {
+    using T = scalar_t;
+    for (int64_t g = 0; g < groups; ++g)
+      norm_backward<T>(n, dy.data_ptr<T>() + g * per * F, x.data_ptr<T>() + g * per * F, dx.data_ptr<T>() + g * per * F,
+                       per, F, g, g * per);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "zoo.nn.fused: one step of the fused LSTM recurrence between its GEMMs (forward and backward)";
+  m.doc() = "zoo.nn.fused: one step of the fused LSTM recurrence between its GEMMs, and the input term's norm";
   py::class_<Norm>(m, "Norm")
       .def(py::init<>())
       .def_readwrite("kind", &Norm::kind)
@@ -402,4 +434,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("db", &Norm::db);
   m.def("forward_step", &forward_step, "FusedLSTM forward step between the GEMMs");
   m.def("backward_step", &backward_step, "FusedLSTM backward step between the GEMMs");
+  m.def("norm_rows_forward", &norm_rows_forward, "a normalization of all rows (the input term), forward");
+  m.def("norm_rows_backward", &norm_rows_backward, "a normalization of all rows (the input term), backward");
 }
