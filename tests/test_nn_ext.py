@@ -76,12 +76,15 @@ def run(rnn, x, state, proj, lengths, monkeypatch, ext: bool):
     return out, final, grads, [b.clone() for b in rnn.buffers()]
 
 
+@pytest.mark.parametrize("chunk", [1024, 6], ids=["one-chunk", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)
-def test_extension_equals_python_and_steps(variant, options, training, lengths, dtype, monkeypatch) -> None:
+def test_extension_equals_python_and_steps(variant, options, training, lengths, dtype, chunk, monkeypatch) -> None:
+    """``chunk``: the W_h gradient's chunk (`OuterSum` rows): 6 rows make several chunks of 1 or 2 steps."""
     torch.manual_seed(0)
+    monkeypatch.setattr(fused_module.OuterSum.__init__, "__defaults__", (chunk,))
     base = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, **options).to(dtype)
     with torch.no_grad():
         for p in base.parameters():

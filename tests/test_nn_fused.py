@@ -28,6 +28,20 @@ CASES = [(v, {}) for v in VARIANTS] + [("bn_indrnn", {"bn_placement": "output"})
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=[v + "-" + "-".join(o.values()) for v, o in CASES])
 def test_fused_equals_step_by_step(variant: str, options: dict, training: bool, lengths: bool, bias: bool) -> None:
+    check_fused(variant, options, training, lengths, bias)
+
+
+@pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_weight_gradient_in_chunks(variant: str, lengths: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The W_h gradient taken in chunks of a few steps (`OuterSum` with 5 rows; batch sizes 4, 3, 3, 2, 1 when
+    padded) equals the step-by-step engine's."""
+    monkeypatch.setattr(zoo.nn.fused.OuterSum.__init__, "__defaults__", (5,))
+    check_fused(variant, {}, True, lengths, True)
+
+
+def check_fused(variant: str, options: dict, training: bool, lengths: bool, bias: bool) -> None:
+    """The fused and step-by-step engines of one model: outputs, final states, every gradient, the buffers."""
     fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, bias=bias, fused=True, **options).double()
     if not bias:  # only the normalizations' own shifts remain
         assert all(".bias" not in n or n.split(".")[-2].startswith(("ln", "bn")) for n, _ in fused.named_parameters())

@@ -382,10 +382,10 @@ class Layout:
 
 
 class OuterSum:
-    """Σ_t dz_t^T h_{t-1} over a backward pass (the gradient of W_h), in chunks of about ``rows`` packed rows.
+    """Σ_t dz_t^T h_{t-1} over a backward pass (the gradient of W_h), in chunks of at most ``rows`` packed rows.
 
-    `slot` hands out, step by step in reverse time, the place where dz_t is to be written; each full chunk becomes one
-    large GEMM. The memory is one chunk, not a tensor of all steps.
+    The backward pass walks `chunks` (latest first), writes each step's dz_t into `rows` of the chunk buffer, and
+    calls `add` when a chunk is done: one large GEMM per chunk. The memory is one chunk, not a tensor of all steps.
     """
 
     def __init__(self, layout: Layout, h0: Tensor, h: Tensor, features: int, rows: int = 1024) -> None:
@@ -393,28 +393,33 @@ class OuterSum:
         self.cap = min(max(rows, layout.batch_sizes[0]), layout.rows)
         self.buf = h.new_empty(self.cap, features)
         self.grad = h.new_zeros(h.shape[1], features).t()  # the layout `outer` returns
-        self.steps: list[int] = []  # the steps in the chunk, in reverse time
-        self.hi = 0  # the packed row where the chunk ends
 
-    def slot(self, t: int) -> Tensor:
-        rows = self.layout.at(t)
-        if self.steps and self.hi - rows.start > self.cap:
-            self._flush()
-        if not self.steps:
-            self.hi = rows.stop
-        self.steps.append(t)
-        lo = self.cap - (self.hi - rows.start)
-        return self.buf[lo : lo + rows.stop - rows.start]
+    def chunks(self) -> list[range]:
+        """The steps in chunks of at most ``cap`` packed rows, in backward order (the latest chunk first)."""
+        sizes, out, hi = self.layout.batch_sizes, [], len(self.layout.batch_sizes)
+        while hi > 0:
+            lo, rows = hi - 1, sizes[hi - 1]
+            while lo > 0 and rows + sizes[lo - 1] <= self.cap:
+                lo, rows = lo - 1, rows + sizes[lo - 1]
+            out.append(range(lo, hi))
+            hi = lo
+        return out
 
-    def _flush(self) -> None:
-        lo = self.cap - (self.hi - self.layout.offsets[self.steps[-1]])
-        prev = self.layout.previous(self.h0, self.h, range(self.steps[-1], self.steps[0] + 1))
-        self.grad.add_(outer(self.buf[lo:], prev))
-        self.steps = []
+    def rows(self, chunk: range, t: int) -> Tensor:
+        """Where dz_t goes: step t's rows of the chunk buffer."""
+        lo = self.layout.offsets[t] - self.layout.offsets[chunk.start]
+        return self.buf[lo : lo + self.layout.batch_sizes[t]]
+
+    def add(self, chunk: range) -> None:
+        """Add the finished chunk's Σ dz_t^T h_{t-1}."""
+        n = (
+            self.layout.offsets[chunk.stop - 1]
+            + self.layout.batch_sizes[chunk.stop - 1]
+            - self.layout.offsets[chunk.start]
+        )
+        self.grad.add_(outer(self.buf[:n], self.layout.previous(self.h0, self.h, chunk)))
 
     def result(self) -> Tensor:
-        if self.steps:
-            self._flush()
         return self.grad
 
 
@@ -497,19 +502,17 @@ class FusedLSTM(torch.autograd.Function):
 
     @staticmethod
     def _forward_ext(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z) -> None:
-        """The steps through the compiled step: one call between the GEMMs (inference: ``s``, ``sc`` a scratch)."""
+        """All steps in the compiled loop, GEMMs included (inference: ``s``, ``sc`` a scratch of the first rows)."""
         train, first = s is not None, layout.batch_sizes[0]
         rows = layout.rows if train else first
         norm_h.ext_start(ext, len(layout.batch_sizes), rows, u, folded=True)
         norm_c.ext_start(ext, len(layout.batch_sizes), rows, u)
         s_buf = s if train else u.new_empty(first, u.shape[1])
         sc_buf = sc if train else u.new_empty(first, h.shape[1])
-        c0 = c0.contiguous()
-        nh, nc, step = norm_h.ext, norm_c.ext, ext.forward_step
-        for t, (off, bs) in enumerate(zip(layout.offsets, layout.batch_sizes, strict=True)):
-            prev = layout.offsets[t - 1] if t else -1
-            zt = lin(h0 if t == 0 else h[prev : prev + bs])
-            step(nh, nc, zt, u, gscale, c0, s_buf, c, sc_buf, h, z, t, off, prev, bs, off if train else 0)
+        ext.forward_loop(
+            norm_h.ext, norm_c.ext, lin.weight, lin.packed, h0.contiguous(), u, gscale, c0.contiguous(),
+            s_buf, c, sc_buf, h, z, layout.batch_sizes, train,
+        )  # fmt: skip
 
     @staticmethod
     def backward(ctx, dout, dhn, dcn):
@@ -536,58 +539,45 @@ class FusedLSTM(torch.autograd.Function):
     @staticmethod
     def _backward_python(ext, dout, h0, c0, s, c, sc, z, layout, norm_h, norm_c, lin_t, dh_carry, dc_carry, du, dw_hh):
         """The backward steps through ATen kernels: fills ``du``, updates the carries, feeds ``dw_hh``."""
-        for t in reversed(range(len(layout.batch_sizes))):
-            rows, bs = layout.at(t), layout.batch_sizes[t]
-            st, sct = s[rows], sc[rows]
-            i, f, g, o = st.chunk(4, dim=1)
-            cp = c0 if t == 0 else c[layout.prev(t)]
-            dh = dh_carry[:bs] if dout is None else dh_carry[:bs].add_(dout[rows])
-            dst = du[rows]
-            di, df, dg, do = dst.chunk(4, dim=1)
-            torch.mul(sct, 2, out=do).sub_(1).mul_(dh)  # dh ⊙ tanh(N_c(c_t))
-            dn = torch.addcmul(sct, sct, sct, value=-1).mul_(o).mul_(dh).mul_(4)  # through tanh: 4σ'(2x)
-            dc = norm_c.backward(dn, c[rows], t).add_(dc_carry[:bs])
-            torch.mul(dc, g, out=di).mul_(2).sub_(dc)  # dc ⊙ tanh(g)
-            torch.mul(dc, cp, out=df)
-            torch.mul(dc, i, out=dg).mul_(4)
-            dst.mul_(torch.addcmul(st, st, st, value=-1))  # σ'; the candidate block: tanh' = 4σ'(2g)
-            if dw_hh is None:
-                dzt = dst
-            else:
-                dzt = dw_hh.slot(t)
-                dzt.copy_(norm_h.backward(dst, z[rows], t))
-            dh_carry[:bs] = lin_t(dzt)
-            torch.mul(dc, f, out=dc_carry[:bs])
+        for chunk in [range(len(layout.batch_sizes))] if dw_hh is None else dw_hh.chunks():
+            for t in reversed(chunk):
+                rows, bs = layout.at(t), layout.batch_sizes[t]
+                st, sct = s[rows], sc[rows]
+                i, f, g, o = st.chunk(4, dim=1)
+                cp = c0 if t == 0 else c[layout.prev(t)]
+                dh = dh_carry[:bs] if dout is None else dh_carry[:bs].add_(dout[rows])
+                dst = du[rows]
+                di, df, dg, do = dst.chunk(4, dim=1)
+                torch.mul(sct, 2, out=do).sub_(1).mul_(dh)  # dh ⊙ tanh(N_c(c_t))
+                dn = torch.addcmul(sct, sct, sct, value=-1).mul_(o).mul_(dh).mul_(4)  # through tanh: 4σ'(2x)
+                dc = norm_c.backward(dn, c[rows], t).add_(dc_carry[:bs])
+                torch.mul(dc, g, out=di).mul_(2).sub_(dc)  # dc ⊙ tanh(g)
+                torch.mul(dc, cp, out=df)
+                torch.mul(dc, i, out=dg).mul_(4)
+                dst.mul_(torch.addcmul(st, st, st, value=-1))  # σ'; the candidate block: tanh' = 4σ'(2g)
+                if dw_hh is None:
+                    dzt = dst
+                else:
+                    dzt = dw_hh.rows(chunk, t)
+                    dzt.copy_(norm_h.backward(dst, z[rows], t))
+                dh_carry[:bs] = lin_t(dzt)
+                torch.mul(dc, f, out=dc_carry[:bs])
+            if dw_hh is not None:
+                dw_hh.add(chunk)
 
     @staticmethod
     def _backward_ext(ext, dout, h0, c0, s, c, sc, z, layout, norm_h, norm_c, lin_t, dh_carry, dc_carry, du, dw_hh):
-        """The backward steps through the compiled step: one call between the GEMMs."""
+        """The backward steps in the compiled loop, GEMMs included, a chunk of ``dw_hh`` at a time."""
         dout = None if dout is None else dout.contiguous()
         c0, work = c0.contiguous(), c.new_empty(layout.batch_sizes[0], c.shape[1])
-        nh, nc, step = norm_h.ext, norm_c.ext, ext.backward_step
-        for t in reversed(range(len(layout.batch_sizes))):
-            off, bs = layout.offsets[t], layout.batch_sizes[t]
-            dzt = du[off : off + bs] if dw_hh is None else dw_hh.slot(t)
-            step(
-                nh,
-                nc,
-                s,
-                sc,
-                c,
-                c0,
-                z,
-                dout,
-                dh_carry,
-                dc_carry,
-                du,
-                None if dw_hh is None else dzt,
-                work,
-                t,
-                off,
-                layout.offsets[t - 1] if t else -1,
-                bs,
-            )
-            dh_carry[:bs] = lin_t(dzt)
+        steps = len(layout.batch_sizes)
+        for chunk in [range(steps)] if dw_hh is None else dw_hh.chunks():
+            ext.backward_loop(
+                norm_h.ext, norm_c.ext, lin_t.weight, lin_t.packed, s, sc, c, c0, z, dout, dh_carry, dc_carry, du,
+                None if dw_hh is None else dw_hh.buf, work, layout.batch_sizes, chunk.start, chunk.stop,
+            )  # fmt: skip
+            if dw_hh is not None:
+                dw_hh.add(chunk)
         norm_h.ext_finish()
         norm_c.ext_finish()
 
@@ -654,24 +644,26 @@ class FusedGRU(torch.autograd.Function):
         norm_rz.zero_grads()
         norm_n.zero_grads()
         dw_hh = OuterSum(layout, h0, h, a_all.shape[1])
-        for t in reversed(range(len(layout.batch_sizes))):
-            rows, bs = layout.at(t), layout.batch_sizes[t]
-            hp = h0 if t == 0 else h[layout.prev(t)]
-            rzt, nt, ynt = rz[rows], nn_[rows], yn[rows]
-            dh = dh_carry[:bs] if dout is None else dh_carry[:bs].add_(dout[rows])
-            r, z = rzt[:, :hidden], rzt[:, hidden:]
-            dut = du[rows]
-            dr, dz, dn = dut[:, :hidden], dut[:, hidden : 2 * hidden], dut[:, 2 * hidden :]
-            torch.mul(dh, 1 - z, out=dn).mul_(torch.addcmul(torch.ones_like(nt), nt, nt, value=-1))  # tanh'
-            torch.mul(dh, hp - nt, out=dz)
-            torch.mul(dn, ynt, out=dr)
-            rzd = dut[:, : 2 * hidden]
-            rzd.mul_(torch.addcmul(rzt, rzt, rzt, value=-1))  # σ'
-            dynt = torch.mul(dn, r, out=dyn[rows])
-            at, dat = a_all[rows], dw_hh.slot(t)
-            dat[:, : 2 * hidden] = norm_rz.backward(rzd, at[:, : 2 * hidden], t)
-            dat[:, 2 * hidden :] = norm_n.backward(dynt, at[:, 2 * hidden :], t)
-            dh_carry[:bs] = lin_t.add(dat, dh * z)
+        for chunk in dw_hh.chunks():
+            for t in reversed(chunk):
+                rows, bs = layout.at(t), layout.batch_sizes[t]
+                hp = h0 if t == 0 else h[layout.prev(t)]
+                rzt, nt, ynt = rz[rows], nn_[rows], yn[rows]
+                dh = dh_carry[:bs] if dout is None else dh_carry[:bs].add_(dout[rows])
+                r, z = rzt[:, :hidden], rzt[:, hidden:]
+                dut = du[rows]
+                dr, dz, dn = dut[:, :hidden], dut[:, hidden : 2 * hidden], dut[:, 2 * hidden :]
+                torch.mul(dh, 1 - z, out=dn).mul_(torch.addcmul(torch.ones_like(nt), nt, nt, value=-1))  # tanh'
+                torch.mul(dh, hp - nt, out=dz)
+                torch.mul(dn, ynt, out=dr)
+                rzd = dut[:, : 2 * hidden]
+                rzd.mul_(torch.addcmul(rzt, rzt, rzt, value=-1))  # σ'
+                dynt = torch.mul(dn, r, out=dyn[rows])
+                at, dat = a_all[rows], dw_hh.rows(chunk, t)
+                dat[:, : 2 * hidden] = norm_rz.backward(rzd, at[:, : 2 * hidden], t)
+                dat[:, 2 * hidden :] = norm_n.backward(dynt, at[:, 2 * hidden :], t)
+                dh_carry[:bs] = lin_t.add(dat, dh * z)
+            dw_hh.add(chunk)
         dh0 = dh_carry
         return _grads(ctx, du, dh0, dw_hh.result(), dyn.sum(0), *norm_rz.param_grads(), *norm_n.param_grads())
 

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <initializer_list>
@@ -381,6 +382,56 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
   });
 }
 
+// The recurrent GEMM x @ W.T: oneDNN's linear with the weight prepacked by torch.ops.mkldnn._reorder_linear_weight
+// (`packed`), else at::mm with the plain weight (out, in).
+Tensor gemm(const Tensor& x, const Tensor& weight, const OptT& packed) {
+  if (packed.has_value() && packed->defined()) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                                       c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>)>();
+    return op.call(x, *packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  }
+  return at::mm(x, weight.t());
+}
+
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& batch_sizes) {
+  std::vector<int64_t> off(batch_sizes.size(), 0);
+  for (size_t t = 1; t < batch_sizes.size(); ++t) off[t] = off[t - 1] + batch_sizes[t - 1];
+  return off;
+}
+
+// All forward steps: z_t = W_h h_{t-1} (gemm), then forward_step. `train`: s, sc and the statistics are kept for
+// every row (else s, sc are a scratch of batch_sizes[0] rows).
+void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT packed, const Tensor& h0, const Tensor& u,
+                  const Tensor& gscale, const Tensor& c0, const Tensor& s, const Tensor& c, const Tensor& sc,
+                  const Tensor& h, OptT z_save, const std::vector<int64_t>& batch_sizes, bool train) {
+  const auto off = offsets_of(batch_sizes);
+  for (size_t t = 0; t < batch_sizes.size(); ++t) {
+    const int64_t bs = batch_sizes[t], prev = t ? off[t - 1] : -1;
+    const Tensor zt = gemm(t ? h.narrow(0, prev, bs) : h0, weight, packed);
+    forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, train ? off[t] : 0);
+  }
+}
+
+// The backward steps t_hi - 1 down to t_lo: backward_step, then dh_{t-1} = dz_t W_h (gemm with W_h.T's packing).
+// dz_t goes to dz_buf's rows from offset(t) - offset(t_lo) (a chunk for the W_h gradient), or, without dz_buf (N_h
+// none), it is du's rows.
+void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT packed_t, const Tensor& s, const Tensor& sc,
+                   const Tensor& c, const Tensor& c0, OptT z, OptT dout, const Tensor& dh_carry,
+                   const Tensor& dc_carry, const Tensor& du, OptT dz_buf, const Tensor& work,
+                   const std::vector<int64_t>& batch_sizes, int64_t t_lo, int64_t t_hi) {
+  const auto off = offsets_of(batch_sizes);
+  const bool chunk = dz_buf.has_value() && dz_buf->defined();
+  for (int64_t t = t_hi - 1; t >= t_lo; --t) {
+    const int64_t bs = batch_sizes[t];
+    const Tensor dzt = chunk ? dz_buf->narrow(0, off[t] - off[t_lo], bs) : du.narrow(0, off[t], bs);
+    backward_step(nh, nc, s, sc, c, c0, z, dout, dh_carry, dc_carry, du, chunk ? OptT(dzt) : OptT(), work, t, off[t],
+                  t ? off[t - 1] : -1, bs);
+    dh_carry.narrow(0, 0, bs).copy_(gemm(dzt, weight_t, packed_t));
+  }
+}
+
 // y = N(x) for x (R, F) split into `groups` equal groups of consecutive rows: a training batch norm takes the
 // statistics of each group (group g is time step g: its row of the saved statistics and of the running statistics);
 // LayerNorm and RMSNorm (groups = 1) normalize each row. The input term W_x x of all steps at once.
@@ -432,8 +483,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("momentum", &Norm::momentum)
       .def_readwrite("dw", &Norm::dw)
       .def_readwrite("db", &Norm::db);
-  m.def("forward_step", &forward_step, "FusedLSTM forward step between the GEMMs");
-  m.def("backward_step", &backward_step, "FusedLSTM backward step between the GEMMs");
+  m.def("forward_loop", &forward_loop, "FusedLSTM forward: every step, GEMMs included");
+  m.def("backward_loop", &backward_loop, "FusedLSTM backward: a range of steps, GEMMs included");
   m.def("norm_rows_forward", &norm_rows_forward, "a normalization of all rows (the input term), forward");
   m.def("norm_rows_backward", &norm_rows_backward, "a normalization of all rows (the input term), backward");
 }
