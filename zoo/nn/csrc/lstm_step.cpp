@@ -72,68 +72,153 @@ inline const T* or_fill(const T* p, std::vector<T>& store, int64_t F, T fill) {
 inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)); }
 constexpr int64_t kFeatureGrain = 256;
 
-// Column sums over rows of f(r, j) for j in [j0, j1), per thread (feature-parallel).
+// A row-local normalization (every kind but a training batch norm) at one step: its per-feature vectors and where
+// its per-row statistics go.
+template <typename T>
+struct RowNorm {
+  int64_t kind = NONE;
+  const T* fw = nullptr;     // forward gain / shift (row t of an evaluation batch norm's per-step maps)
+  const T* fb = nullptr;
+  const T* w = nullptr;      // backward gain (ones when absent)
+  T eps = 0;
+  T* mean = nullptr;         // LN: the rows' means; LN/RMS: their rstd (from row save_off)
+  T* rstd = nullptr;
+  const T* fmean = nullptr;  // evaluation batch norm: step t's per-feature statistics (for the gain gradient)
+  const T* frstd = nullptr;
+};
+
+template <typename T>
+RowNorm<T> row_norm(Norm& n, int64_t t, int64_t save_off, int64_t F, std::vector<T>& ones) {
+  TORCH_CHECK(n.kind == NONE || n.kind == LN || n.kind == RMS || n.kind == AFFINE, "lstm_step: norm kind ", n.kind,
+              " is not row-local");
+  RowNorm<T> r;
+  r.kind = n.kind;
+  r.fw = feature_row<T>(n.fw, t, F);
+  r.fb = feature_row<T>(n.fb, t, F);
+  r.w = or_fill(ptr_or_null<T>(n.w), ones, F, T(1));
+  r.eps = static_cast<T>(n.eps);
+  if (n.kind == LN || n.kind == RMS) {
+    r.mean = n.kind == LN ? n.mean->data_ptr<T>() + save_off : nullptr;
+    r.rstd = n.rstd->data_ptr<T>() + save_off;
+  } else if (n.kind == AFFINE && n.mean.has_value() && n.mean->defined()) {
+    r.fmean = n.mean->data_ptr<T>() + t * F;
+    r.frstd = n.rstd->data_ptr<T>() + t * F;
+  }
+  return r;
+}
+
+// y = N(x) for row r of a step (F features); LN/RMS save the row's statistics in slot r.
+template <typename T>
+inline void row_forward(const RowNorm<T>& n, const T* x, T* y, int64_t F, int64_t r) {
+  const T* __restrict fw = n.fw;
+  const T* __restrict fb = n.fb;
+  T mu = 0, rs = 1;
+  const bool stats = n.kind == LN || n.kind == RMS;
+  if (stats) {
+    if (n.kind == LN) {
+      for (int64_t j = 0; j < F; ++j) mu += x[j];
+      mu /= F;
+    }
+    T var = 0;
+    for (int64_t j = 0; j < F; ++j) {
+      const T d = x[j] - mu;
+      var += d * d;
+    }
+    rs = T(1) / std::sqrt(var / F + n.eps);
+    if (n.mean) n.mean[r] = mu;
+    n.rstd[r] = rs;
+  }
+  if (fw && fb) {
+    for (int64_t j = 0; j < F; ++j) y[j] = (x[j] - mu) * rs * fw[j] + fb[j];
+  } else if (fw) {
+    for (int64_t j = 0; j < F; ++j) y[j] = (x[j] - mu) * rs * fw[j];
+  } else if (fb) {
+    for (int64_t j = 0; j < F; ++j) y[j] = (x[j] - mu) * rs + fb[j];
+  } else if (stats || x != y) {
+    for (int64_t j = 0; j < F; ++j) y[j] = (x[j] - mu) * rs;
+  }
+}
+
+// dx = the gradient of x through N for row r (dx may be dy itself), given that of the unscaled output dy; the row's
+// share of the gain and shift gradients is added to pw, pb (a thread's partial sums; null where not wanted).
+template <typename T>
+inline void row_backward(const RowNorm<T>& n, const T* dy, const T* x, T* dx, int64_t F, int64_t r, T* pw, T* pb) {
+  const T* __restrict w = n.w;
+  if (n.kind == LN || n.kind == RMS) {
+    const T mu = n.mean ? n.mean[r] : T(0), rs = n.rstd[r];
+    T a = 0, b = 0;
+    for (int64_t j = 0; j < F; ++j) {
+      const T g = dy[j] * w[j];
+      a += g;
+      b += g * (x[j] - mu) * rs;
+    }
+    a = n.kind == LN ? a / F : T(0);
+    b /= F;
+    if (pw)
+      for (int64_t j = 0; j < F; ++j) pw[j] += dy[j] * (x[j] - mu) * rs;
+    if (pb)
+      for (int64_t j = 0; j < F; ++j) pb[j] += dy[j];
+    for (int64_t j = 0; j < F; ++j) {  // (each dy[j] is read before dx[j] is written)
+      const T g = dy[j] * w[j];
+      dx[j] = (g - a - (x[j] - mu) * rs * b) * rs;
+    }
+    return;
+  }
+  if (n.fmean) {  // evaluation batch norm: y = γ (x − mean) rstd + β per feature
+    const T* __restrict fm = n.fmean;
+    const T* __restrict fr = n.frstd;
+    if (pw)
+      for (int64_t j = 0; j < F; ++j) pw[j] += dy[j] * (x[j] - fm[j]) * fr[j];
+    if (pb)
+      for (int64_t j = 0; j < F; ++j) pb[j] += dy[j];
+    for (int64_t j = 0; j < F; ++j) dx[j] = dy[j] * w[j] * fr[j];
+    return;
+  }
+  if (dx != dy) std::copy(dy, dy + F, dx);  // none, or a fixed scale folded into the forward only
+}
+
+// Per-thread partial sums of a norm's gain and shift gradients over a step's rows, added to n.dw, n.db by `finish`.
+template <typename T>
+struct Partials {
+  int64_t F, threads;
+  T* dw;
+  T* db;
+  std::vector<T> w, b;
+  Partials(Norm& n, int64_t F)
+      : F(F), threads(at::get_num_threads()), dw(mptr_or_null<T>(n.dw)), db(mptr_or_null<T>(n.db)),
+        w(dw ? threads * F : 0, T(0)), b(db ? threads * F : 0, T(0)) {}
+  int64_t thread() const {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < threads, "lstm_step: thread ", tid, " of ", threads);
+    return tid;
+  }
+  T* pw(int64_t tid) { return dw ? w.data() + tid * F : nullptr; }
+  T* pb(int64_t tid) { return db ? b.data() + tid * F : nullptr; }
+  void finish() {
+    for (int64_t k = 0; k < threads; ++k) {
+      if (dw)
+        for (int64_t j = 0; j < F; ++j) dw[j] += w[k * F + j];
+      if (db)
+        for (int64_t j = 0; j < F; ++j) db[j] += b[k * F + j];
+    }
+  }
+};
+
 // y[r, :] = N(x[r, :]) for bs rows of F features; saves the statistics (rows at save_off, or row t for BN).
 template <typename T>
 void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, int64_t save_off) {
-  const T* fw = feature_row<T>(n.fw, t, F);
-  const T* fb = feature_row<T>(n.fb, t, F);
-  const T eps = static_cast<T>(n.eps);
-  if (n.kind == NONE || n.kind == AFFINE) {
+  if (n.kind != BN_TRAIN) {
+    std::vector<T> ones;
+    const RowNorm<T> rn = row_norm<T>(n, t, save_off, F, ones);
     at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict xr = x + r * F;
-        T* __restrict yr = y + r * F;
-        if (fw && fb) {
-          for (int64_t j = 0; j < F; ++j) yr[j] = xr[j] * fw[j] + fb[j];
-        } else if (fw) {
-          for (int64_t j = 0; j < F; ++j) yr[j] = xr[j] * fw[j];
-        } else if (fb) {
-          for (int64_t j = 0; j < F; ++j) yr[j] = xr[j] + fb[j];
-        } else if (xr != yr) {
-          for (int64_t j = 0; j < F; ++j) yr[j] = xr[j];
-        }
-      }
+      for (int64_t r = r0; r < r1; ++r) row_forward<T>(rn, x + r * F, y + r * F, F, r);
     });
     return;
   }
-  if (n.kind == LN || n.kind == RMS) {
-    T* mean_s = n.kind == LN ? n.mean->data_ptr<T>() + save_off : nullptr;
-    T* rstd_s = n.rstd->data_ptr<T>() + save_off;
-    at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict xr = x + r * F;
-        T* __restrict yr = y + r * F;
-        T mu = 0;
-        if (n.kind == LN) {
-          for (int64_t j = 0; j < F; ++j) mu += xr[j];
-          mu /= F;
-        }
-        T var = 0;
-        for (int64_t j = 0; j < F; ++j) {
-          const T d = xr[j] - mu;
-          var += d * d;
-        }
-        const T rs = T(1) / std::sqrt(var / F + eps);
-        if (mean_s) mean_s[r] = mu;
-        rstd_s[r] = rs;
-        if (fw && fb) {
-          for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu) * rs * fw[j] + fb[j];
-        } else if (fw) {
-          for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu) * rs * fw[j];
-        } else if (fb) {
-          for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu) * rs + fb[j];
-        } else {
-          for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu) * rs;
-        }
-      }
-    });
-    return;
-  }
-  TORCH_CHECK(n.kind == BN_TRAIN, "lstm_step: unknown norm kind ", n.kind);
   std::vector<T> ones, zeros;
-  fw = or_fill(fw, ones, F, T(1));
-  fb = or_fill(fb, zeros, F, T(0));
+  const T* fw = or_fill(feature_row<T>(n.fw, t, F), ones, F, T(1));
+  const T* fb = or_fill(feature_row<T>(n.fb, t, F), zeros, F, T(0));
+  const T eps = static_cast<T>(n.eps);
   T* mean_s = n.mean->data_ptr<T>() + t * F;
   T* rstd_s = n.rstd->data_ptr<T>() + t * F;
   const int64_t slot = n.per_step ? t : 0;
@@ -180,86 +265,47 @@ void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, i
 template <typename T>
 void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t F, int64_t t, int64_t save_off) {
   std::vector<T> ones;
+  if (n.kind != BN_TRAIN) {
+    const RowNorm<T> rn = row_norm<T>(n, t, save_off, F, ones);
+    Partials<T> part(n, F);
+    at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
+      const int64_t tid = part.thread();
+      for (int64_t r = r0; r < r1; ++r)
+        row_backward<T>(rn, dy + r * F, x + r * F, dx + r * F, F, r, part.pw(tid), part.pb(tid));
+    });
+    part.finish();
+    return;
+  }
   const T* w = or_fill(ptr_or_null<T>(n.w), ones, F, T(1));
   T* dw = mptr_or_null<T>(n.dw);
   T* db = mptr_or_null<T>(n.db);
-  if (n.kind == NONE || (n.kind == AFFINE && !(n.mean.has_value() && n.mean->defined()))) {
-    if (dx != dy) std::copy(dy, dy + bs * F, dx);
-    return;
-  }
-  if (n.kind == AFFINE || n.kind == BN_TRAIN) {  // per-feature statistics
-    const T* mu = n.mean->data_ptr<T>() + t * F;
-    const T* rs = n.rstd->data_ptr<T>() + t * F;
-    const bool train = n.kind == BN_TRAIN;
-    at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {
-      const int64_t m = j1 - j0;
-      std::vector<T> sdy(m, T(0)), sdyx(m, T(0));
-      T* __restrict a = sdy.data();
-      T* __restrict b = sdyx.data();
-      for (int64_t r = 0; r < bs; ++r) {
-        const T* __restrict dyr = dy + r * F + j0;
-        const T* __restrict xr = x + r * F + j0;
-        for (int64_t k = 0; k < m; ++k) {
-          a[k] += dyr[k];
-          b[k] += dyr[k] * (xr[k] - mu[j0 + k]) * rs[j0 + k];
-        }
+  const T* mu = n.mean->data_ptr<T>() + t * F;
+  const T* rs = n.rstd->data_ptr<T>() + t * F;
+  at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {  // per-feature statistics: by features
+    const int64_t m = j1 - j0;
+    std::vector<T> sdy(m, T(0)), sdyx(m, T(0));
+    T* __restrict a = sdy.data();
+    T* __restrict b = sdyx.data();
+    for (int64_t r = 0; r < bs; ++r) {
+      const T* __restrict dyr = dy + r * F + j0;
+      const T* __restrict xr = x + r * F + j0;
+      for (int64_t k = 0; k < m; ++k) {
+        a[k] += dyr[k];
+        b[k] += dyr[k] * (xr[k] - mu[j0 + k]) * rs[j0 + k];
       }
-      if (dw)
-        for (int64_t k = 0; k < m; ++k) dw[j0 + k] += b[k];
-      if (db)
-        for (int64_t k = 0; k < m; ++k) db[j0 + k] += a[k];
-      for (int64_t r = 0; r < bs; ++r) {
-        const T* __restrict dyr = dy + r * F + j0;
-        const T* __restrict xr = x + r * F + j0;
-        T* __restrict dxr = dx + r * F + j0;
-        for (int64_t k = 0; k < m; ++k) {
-          const T g = w[j0 + k] * rs[j0 + k];
-          if (train) {
-            const T xh = (xr[k] - mu[j0 + k]) * rs[j0 + k];
-            dxr[k] = (dyr[k] - a[k] / bs - xh * b[k] / bs) * g;
-          } else {
-            dxr[k] = dyr[k] * g;
-          }
-        }
-      }
-    });
-    return;
-  }
-  TORCH_CHECK(n.kind == LN || n.kind == RMS, "lstm_step: unknown norm kind ", n.kind);
-  const bool ln = n.kind == LN;
-  const T* mean_s = ln ? n.mean->data_ptr<T>() + save_off : nullptr;
-  const T* rstd_s = n.rstd->data_ptr<T>() + save_off;
-  // the gain and shift gradients first (feature-parallel), since dx may overwrite dy
-  if (dw || db) {
-    at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {
-      for (int64_t r = 0; r < bs; ++r) {
-        const T* __restrict dyr = dy + r * F;
-        const T* __restrict xr = x + r * F;
-        const T mu = mean_s ? mean_s[r] : T(0), rs = rstd_s[r];
-        if (dw)
-          for (int64_t j = j0; j < j1; ++j) dw[j] += dyr[j] * (xr[j] - mu) * rs;
-        if (db)
-          for (int64_t j = j0; j < j1; ++j) db[j] += dyr[j];
-      }
-    });
-  }
-  at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict dyr = dy + r * F;
-      const T* __restrict xr = x + r * F;
-      T* dxr = dx + r * F;
-      const T mu = mean_s ? mean_s[r] : T(0), rs = rstd_s[r];
-      T a = 0, b = 0;
-      for (int64_t j = 0; j < F; ++j) {
-        const T g = dyr[j] * w[j];
-        a += g;
-        b += g * (xr[j] - mu) * rs;
-      }
-      a = ln ? a / F : T(0);
-      b /= F;
-      for (int64_t j = 0; j < F; ++j) {
-        const T g = dyr[j] * w[j];
-        dxr[j] = (g - a - (xr[j] - mu) * rs * b) * rs;
+    }
+    if (dw)
+      for (int64_t k = 0; k < m; ++k) dw[j0 + k] += b[k];
+    if (db)
+      for (int64_t k = 0; k < m; ++k) db[j0 + k] += a[k];
+    for (int64_t r = 0; r < bs; ++r) {
+      const T* dyr = dy + r * F + j0;
+      const T* __restrict xr = x + r * F + j0;
+      T* dxr = dx + r * F + j0;
+      for (int64_t k = 0; k < m; ++k) {
+        const T g = w[j0 + k] * rs[j0 + k];
+        const T xh = (xr[k] - mu[j0 + k]) * rs[j0 + k];
+        dxr[k] = (dyr[k] - a[k] / bs - xh * b[k] / bs) * g;
       }
     }
   });
@@ -272,16 +318,18 @@ void check(const Tensor& t, const Tensor& like, const char* name) {
 
 // The forward step t: rows [off, off + bs) of u, c, h; s, sc, z_save and the LN/RMS statistics at save_off (the same
 // rows in training; a scratch of the first rows in inference); c_{t-1} from c0 (prev_off < 0) or c at prev_off.
+// With row-local norms a row goes through all of it in one pass (one parallel region); a training batch norm, whose
+// statistics span the rows, splits it into four.
 void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Tensor& gscale, const Tensor& c0,
-                  const Tensor& s, const Tensor& c, const Tensor& sc, const Tensor& h, OptT z_save, int64_t t, int64_t off, int64_t prev_off,
-                  int64_t bs, int64_t save_off) {
+                  const Tensor& s, const Tensor& c, const Tensor& sc, const Tensor& h, OptT z_save, int64_t t,
+                  int64_t off, int64_t prev_off, int64_t bs, int64_t save_off) {
   const int64_t H = c.size(1), G = 4 * H;
   for (const Tensor* x : std::initializer_list<const Tensor*>{&z, &gscale, &c0, &s, &c, &sc, &h}) check(*x, u, "every tensor");
   check(u, u, "u");
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "lstm_forward_step", [&] {
     using T = scalar_t;
     const T* zp = z.data_ptr<T>();
-    if (z_save.has_value() && z_save->defined()) std::copy(zp, zp + bs * G, z_save->data_ptr<T>() + save_off * G);
+    T* zs = z_save.has_value() && z_save->defined() ? z_save->data_ptr<T>() + save_off * G : nullptr;
     T* sp = s.data_ptr<T>() + save_off * G;
     T* scp = sc.data_ptr<T>() + save_off * H;
     T* cp = c.data_ptr<T>() + off * H;
@@ -289,43 +337,68 @@ void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Te
     const T* up = u.data_ptr<T>() + off * G;
     const T* gs = gscale.data_ptr<T>();
     const T* cprev = prev_off < 0 ? c0.data_ptr<T>() : c.data_ptr<T>() + prev_off * H;
-    norm_forward<T>(nh, zp, sp, bs, G, t, save_off);  // N_h(z)·scale into s
-    at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        T* __restrict sr = sp + r * G;
-        const T* __restrict ur = up + r * G;
-        for (int64_t j = 0; j < G; ++j) sr[j] = sigm(sr[j] + ur[j] * gs[j]);
-        const T* __restrict i = sr;
-        const T* __restrict f = sr + H;
-        const T* __restrict g = sr + 2 * H;
-        const T* __restrict cpr = cprev + r * H;
-        T* __restrict cr = cp + r * H;
-        for (int64_t j = 0; j < H; ++j) cr[j] = (i[j] * g[j] * T(2) - i[j]) + f[j] * cpr[j];
+    auto gates = [&](int64_t r) {  // s = σ(s + u·scale); c = f ⊙ c_{t-1} + i ⊙ (2σ(2g) − 1)
+      T* __restrict sr = sp + r * G;
+      const T* __restrict ur = up + r * G;
+      for (int64_t j = 0; j < G; ++j) sr[j] = sigm(sr[j] + ur[j] * gs[j]);
+      const T* __restrict i = sr;
+      const T* __restrict f = sr + H;
+      const T* __restrict g = sr + 2 * H;
+      const T* __restrict cpr = cprev + r * H;
+      T* __restrict cr = cp + r * H;
+      for (int64_t j = 0; j < H; ++j) cr[j] = (i[j] * g[j] * T(2) - i[j]) + f[j] * cpr[j];
+    };
+    auto output = [&](int64_t r) {  // sc = σ(2 N_c(c)); h = o ⊙ (2 sc − 1)
+      const T* __restrict o = sp + r * G + 3 * H;
+      T* __restrict scr = scp + r * H;
+      T* __restrict hr = hp + r * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const T v = sigm(scr[j]);
+        scr[j] = v;
+        hr[j] = o[j] * v * T(2) - o[j];
       }
-    });
-    norm_forward<T>(nc, cp, scp, bs, H, t, save_off);  // 2 N_c(c) into sc
-    at::parallel_for(0, bs, row_grain(H), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict o = sp + r * G + 3 * H;
-        T* __restrict scr = scp + r * H;
-        T* __restrict hr = hp + r * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const T v = sigm(scr[j]);
-          scr[j] = v;
-          hr[j] = o[j] * v * T(2) - o[j];
+    };
+    if (nh.kind != BN_TRAIN && nc.kind != BN_TRAIN) {
+      std::vector<T> ones_h, ones_c;
+      const RowNorm<T> rh = row_norm<T>(nh, t, save_off, G, ones_h);
+      const RowNorm<T> rc = row_norm<T>(nc, t, save_off, H, ones_c);
+      at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          if (zs) std::copy(zp + r * G, zp + (r + 1) * G, zs + r * G);
+          row_forward<T>(rh, zp + r * G, sp + r * G, G, r);  // N_h(z)·scale into s
+          gates(r);
+          row_forward<T>(rc, cp + r * H, scp + r * H, H, r);  // 2 N_c(c) into sc
+          output(r);
         }
-      }
+      });
+      return;
+    }
+    if (zs) std::copy(zp, zp + bs * G, zs);
+    norm_forward<T>(nh, zp, sp, bs, G, t, save_off);
+    at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) gates(r);
+    });
+    norm_forward<T>(nc, cp, scp, bs, H, t, save_off);
+    at::parallel_for(0, bs, row_grain(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) output(r);
     });
   });
 }
 
 // The backward step t: dh = dh_carry (+ dout rows), written back into dh_carry; du rows; dz (the gradient of
 // z = W_h h_{t-1}, through N_h) into dz_out unless N_h is none (then du's rows are it); dc_carry = dc ⊙ f. work: (bs, H).
+// One pass per row with row-local norms (their gain gradients in per-thread partial sums), else four.
 void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const Tensor& c, const Tensor& c0,
-                   OptT z, OptT dout, const Tensor& dh_carry, const Tensor& dc_carry, const Tensor& du, OptT dz_out, const Tensor& work,
-                   int64_t t, int64_t off, int64_t prev_off, int64_t bs) {
+                   OptT z, OptT dout, const Tensor& dh_carry, const Tensor& dc_carry, const Tensor& du, OptT dz_out,
+                   const Tensor& work, int64_t t, int64_t off, int64_t prev_off, int64_t bs) {
   const int64_t H = c.size(1), G = 4 * H;
   for (const Tensor* x : std::initializer_list<const Tensor*>{&sc, &c, &c0, &dh_carry, &dc_carry, &du, &work}) check(*x, s, "every tensor");
+  const bool dz = dz_out.has_value() && dz_out->defined();  // else N_h is none: du's rows are the gradient of z
+  if (dz) {
+    TORCH_CHECK(z.has_value() && z->defined(), "lstm_step: a normalized W_h h needs z");
+    check(*z, s, "z");
+    check(*dz_out, s, "dz_out");
+  }
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_backward_step", [&] {
     using T = scalar_t;
     const T* sp = s.data_ptr<T>() + off * G;
@@ -333,52 +406,69 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
     const T* cp = c.data_ptr<T>() + off * H;
     const T* cprev = prev_off < 0 ? c0.data_ptr<T>() : c.data_ptr<T>() + prev_off * H;
     const T* dop = dout.has_value() && dout->defined() ? dout->data_ptr<T>() + off * H : nullptr;
+    const T* zp = dz ? z->data_ptr<T>() + off * G : nullptr;
+    T* dzp = dz ? dz_out->data_ptr<T>() : nullptr;
     T* dhp = dh_carry.data_ptr<T>();
     T* dcp = dc_carry.data_ptr<T>();
     T* dup = du.data_ptr<T>() + off * G;
     T* wk = work.data_ptr<T>();
-    at::parallel_for(0, bs, row_grain(H), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        T* __restrict dh = dhp + r * H;
-        const T* __restrict scr = scp + r * H;
-        const T* __restrict o = sp + r * G + 3 * H;
-        T* __restrict dor = dup + r * G + 3 * H;
-        T* __restrict dn = wk + r * H;
-        if (dop) {
-          const T* __restrict dor_in = dop + r * H;
-          for (int64_t j = 0; j < H; ++j) dh[j] += dor_in[j];
-        }
-        for (int64_t j = 0; j < H; ++j) {
-          dor[j] = (scr[j] * T(2) - T(1)) * dh[j];          // dh ⊙ tanh(N_c(c_t))
-          dn[j] = (scr[j] - scr[j] * scr[j]) * o[j] * dh[j] * T(4);  // through tanh: 4σ'(2x)
-        }
+    auto head = [&](int64_t r) {  // dh; do = dh ⊙ tanh(N_c(c_t)); the gradient of 2 N_c(c_t) into work
+      T* __restrict dh = dhp + r * H;
+      const T* __restrict scr = scp + r * H;
+      const T* __restrict o = sp + r * G + 3 * H;
+      T* __restrict dor = dup + r * G + 3 * H;
+      T* __restrict dn = wk + r * H;
+      if (dop) {
+        const T* __restrict dor_in = dop + r * H;
+        for (int64_t j = 0; j < H; ++j) dh[j] += dor_in[j];
       }
+      for (int64_t j = 0; j < H; ++j) {
+        dor[j] = (scr[j] * T(2) - T(1)) * dh[j];                   // dh ⊙ tanh(N_c(c_t))
+        dn[j] = (scr[j] - scr[j] * scr[j]) * o[j] * dh[j] * T(4);  // through tanh: 4σ'(2x)
+      }
+    };
+    auto gates = [&](int64_t r) {  // dc = work + dc_carry; the gate gradients; dc_carry = dc ⊙ f
+      const T* __restrict sr = sp + r * G;
+      T* __restrict dr = dup + r * G;
+      const T* __restrict dnr = wk + r * H;
+      T* __restrict dcr = dcp + r * H;
+      const T* __restrict cpr = cprev + r * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const T i = sr[j], f = sr[H + j], g = sr[2 * H + j];
+        const T dc = dnr[j] + dcr[j];
+        dr[j] = dc * g * T(2) - dc;  // dc ⊙ tanh(g)
+        dr[H + j] = dc * cpr[j];
+        dr[2 * H + j] = dc * i * T(4);
+        dcr[j] = dc * f;
+      }
+      for (int64_t j = 0; j < G; ++j) dr[j] *= sr[j] - sr[j] * sr[j];  // σ'; the candidate block: 4σ'(2g)
+    };
+    if (nh.kind != BN_TRAIN && nc.kind != BN_TRAIN) {
+      std::vector<T> ones_h, ones_c;
+      const RowNorm<T> rh = row_norm<T>(nh, t, off, G, ones_h);
+      const RowNorm<T> rc = row_norm<T>(nc, t, off, H, ones_c);
+      Partials<T> ph(nh, G), pc(nc, H);
+      at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
+        const int64_t tid = ph.thread();
+        for (int64_t r = r0; r < r1; ++r) {
+          head(r);
+          row_backward<T>(rc, wk + r * H, cp + r * H, wk + r * H, H, r, pc.pw(tid), pc.pb(tid));
+          gates(r);
+          if (dz) row_backward<T>(rh, dup + r * G, zp + r * G, dzp + r * G, G, r, ph.pw(tid), ph.pb(tid));
+        }
+      });
+      ph.finish();
+      pc.finish();
+      return;
+    }
+    at::parallel_for(0, bs, row_grain(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) head(r);
     });
     norm_backward<T>(nc, wk, cp, wk, bs, H, t, off);  // the gradient of c_t through N_c, in place
     at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict sr = sp + r * G;
-        T* __restrict dr = dup + r * G;
-        const T* __restrict dnr = wk + r * H;
-        T* __restrict dcr = dcp + r * H;
-        const T* __restrict cpr = cprev + r * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const T i = sr[j], f = sr[H + j], g = sr[2 * H + j];
-          const T dc = dnr[j] + dcr[j];
-          dr[j] = dc * g * T(2) - dc;  // dc ⊙ tanh(g)
-          dr[H + j] = dc * cpr[j];
-          dr[2 * H + j] = dc * i * T(4);
-          dcr[j] = dc * f;
-        }
-        for (int64_t j = 0; j < G; ++j) dr[j] *= sr[j] - sr[j] * sr[j];  // σ'; the candidate block: 4σ'(2g)
-      }
+      for (int64_t r = r0; r < r1; ++r) gates(r);
     });
-    if (dz_out.has_value() && dz_out->defined()) {  // else N_h is none: du's rows are the gradient of z
-      TORCH_CHECK(z.has_value() && z->defined(), "lstm_step: a normalized W_h h needs z");
-      check(*z, s, "z");
-      check(*dz_out, s, "dz_out");
-      norm_backward<T>(nh, dup, z->data_ptr<T>() + off * G, dz_out->data_ptr<T>(), bs, G, t, off);
-    }
+    if (dz) norm_backward<T>(nh, dup, zp, dzp, bs, G, t, off);
   });
 }
 
