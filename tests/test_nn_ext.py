@@ -188,11 +188,14 @@ def _input_norms() -> list[tuple[str, torch.nn.Module]]:
     ]
 
 
+@pytest.mark.parametrize("proj", [None, 1, 3], ids=["projected", "narrow-input", "wide-input"])
 @pytest.mark.parametrize("shift", [True, False], ids=["shift", "noshift"])
 @pytest.mark.parametrize("index", range(5), ids=[n for n, _ in _input_norms()])
-def test_input_norm_kernel_equals_module(index: int, shift: bool) -> None:
-    """`normalize_input` (the compiled pass over W_x x of all steps) = the module plus the shift: output, every
-    gradient, running statistics (float64, statistics away from their start)."""
+def test_input_norm_kernel_equals_module(index: int, shift: bool, proj: int | None) -> None:
+    """`normalize_input` (W_x x and its normalization in one node) = the module of the projection plus the shift:
+    output, every gradient, running statistics (float64, statistics away from their start). ``proj``: the input
+    width of W_x (None: x is the projection already); 1 is narrow enough for the projection to be recomputed in
+    backward (8 · 1 <= 8 features), 3 is kept."""
     _, module = _input_norms()[index]
     module = module.double().train()
     with torch.no_grad():
@@ -201,22 +204,38 @@ def test_input_norm_kernel_equals_module(index: int, shift: bool) -> None:
     if hasattr(module, "running_mean"):
         module(torch.randn(T, B, 8, dtype=torch.float64) * 2 + 1)  # running statistics away from (0, 1)
     reference = copy.deepcopy(module)
-    x = torch.randn(T, B, 8, dtype=torch.float64) * 3 + 0.5
+    x = torch.randn(T, B, proj or 8, dtype=torch.float64) * 3 + 0.5
+    w = None if proj is None else torch.randn(8, proj, dtype=torch.float64)
     b = torch.randn(8, dtype=torch.float64) if shift else None
     dy = torch.randn(T, B, 8, dtype=torch.float64)
     results = []
     for m, kernel in ((module, True), (reference, False)):
         xr = x.clone().requires_grad_()
+        wr = None if w is None else w.clone().requires_grad_()
         br = None if b is None else b.clone().requires_grad_()
-        y = fused_module.normalize_input(m, xr, br, None) if kernel else m(xr) + (0 if br is None else br)
-        assert y is not None
-        wrt = [xr, *m.parameters()] + ([] if br is None else [br])
+        if kernel:
+            y = fused_module.normalize_input(m, xr, wr, br, None)
+            assert y is not None
+        else:
+            y = m(xr if wr is None else xr @ wr.t()) + (0 if br is None else br)
+        wrt = [xr, *m.parameters()] + [t for t in (wr, br) if t is not None]
         results.append((y, torch.autograd.grad((y * dy).sum(), wrt), [t.clone() for t in m.buffers()]))
     (y, grads, buffers), (ry, rgrads, rbuffers) = results
     torch.testing.assert_close(y, ry, rtol=1e-10, atol=1e-11)
     for g, rg in zip(grads, rgrads, strict=True):
         torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(buffers, rbuffers, rtol=1e-12, atol=1e-13)
+
+
+def test_input_norm_recomputes_a_narrow_projection() -> None:
+    """A narrow input's projection is not saved for backward (the input and the weights are); a wide one's is."""
+    ln = torch.nn.LayerNorm(16)
+    for width, kept in ((2, None), (3, (T * B, 16))):
+        y = fused_module.normalize_input(
+            ln, torch.randn(T, B, width), torch.randn(16, width, requires_grad=True), None, None
+        )
+        shapes = [None if t is None else tuple(t.shape) for t in y.grad_fn.saved_tensors]
+        assert shapes == [(T, B, width), (16, width), kept]
 
 
 @pytest.mark.parametrize("index", range(5), ids=[n for n, _ in _input_norms()])
@@ -229,7 +248,7 @@ def test_input_norm_kernel_gradcheck(index: int) -> None:
     norm = fused_module.StepNorm(module)  # the kind, eps and running statistics; the gain is gradcheck's input
 
     def f(x, b, weight):
-        return fused_module._InputNorm.apply(x, weight, b, norm, _ext.load())
+        return fused_module._InputNorm.apply(x, None, weight, b, norm, _ext.load(), False)
 
     assert torch.autograd.gradcheck(f, (x, b, weight))
 
@@ -238,7 +257,7 @@ def test_input_norm_kernel_declines_what_it_lacks() -> None:
     """Padding, evaluation mode and a past-T_max error go to the module (None)."""
     bn = zoo.nn.norm.MaskedBatchNorm(8, max_steps=T - 1, past_max_steps="error")
     x = torch.randn(T, B, 8)
-    assert fused_module.normalize_input(bn, x, None, torch.ones(T, B, dtype=torch.bool)) is None
-    assert fused_module.normalize_input(bn.eval(), x, None, None) is None
-    assert fused_module.normalize_input(bn.train(), x, None, None) is None
-    assert fused_module.normalize_input(bn, x[: T - 1], None, None) is not None
+    assert fused_module.normalize_input(bn, x, None, None, torch.ones(T, B, dtype=torch.bool)) is None
+    assert fused_module.normalize_input(bn.eval(), x, None, None, None) is None
+    assert fused_module.normalize_input(bn.train(), x, None, None, None) is None
+    assert fused_module.normalize_input(bn, x[: T - 1], None, None, None) is not None

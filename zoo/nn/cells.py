@@ -188,12 +188,11 @@ class _NormalizedLSTMCell(LSTMCell):
             self.bias.data[self.hidden_size : 2 * self.hidden_size] = self.forget_bias
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        p = linear(x, self.weight_ih)
-        if self.fused and self.input_norm() is not None:  # N(p) + b in one compiled pass, where it applies
-            u = normalize_input(self.input_norm(), p, self.bias, mask)
+        if self.fused and self.input_norm() is not None:  # N(W_x x) + b in one node, where it applies
+            u = normalize_input(self.input_norm(), x, self.weight_ih, self.bias, mask)
             if u is not None:
                 return u
-        u = self.norm_ih(p, mask)
+        u = self.norm_ih(linear(x, self.weight_ih), mask)
         return u if self.bias is None else u + self.bias
 
     def input_norm(self) -> nn.Module | None:

@@ -268,12 +268,17 @@ class StepNorm:
         return self.dw, self.db
 
 
-def normalize_input(module: nn.Module, x: Tensor, shift: Tensor | None, mask: Tensor | None) -> Tensor | None:
-    """``module(x) + shift`` for the input term ``x`` ``(T, B, F)`` of all steps, in one compiled pass each way.
+def normalize_input(
+    module: nn.Module, x: Tensor, proj: Tensor | None, shift: Tensor | None, mask: Tensor | None
+) -> Tensor | None:
+    """``module(x @ proj.T) + shift`` (``proj`` None: ``module(x) + shift``) for the input term of all steps, ``x``
+    ``(T, B, ·)``, in one autograd node whose normalization is one compiled pass each way.
 
     It applies to LayerNorm and RMSNorm, and to a batch norm in training without padding (``mask`` None) or
     synchronization; elsewhere (and without the compiled extension) it returns None and the caller runs the module.
-    The shift (the cell's bias) is added inside the normalization's own pass, so no extra pass over ``x`` is made.
+    The shift (the cell's bias) is added inside the normalization's pass. Where the input is narrow (at most an eighth
+    of the projection's width, as a first layer usually is) the projection is not kept for backward but recomputed
+    there: one small GEMM instead of a (T, B, 4H) tensor held through the whole backward pass.
     """
     norm = StepNorm(module)
     if norm.kind == "bn":
@@ -284,22 +289,25 @@ def normalize_input(module: nn.Module, x: Tensor, shift: Tensor | None, mask: Te
             return None  # the module raises its error
     if x.dim() != 3 or not x.is_contiguous() or norm.weight is None:
         return None
-    ext = _extension(x, *([] if shift is None else [shift]), norm)
+    ext = _extension(x, *(t for t in (proj, shift) if t is not None), norm)
     if ext is None:
         return None
     if norm.bias is not None:
         shift = norm.bias if shift is None else norm.bias + shift
-    return _InputNorm.apply(x, norm.weight, shift, norm, ext)
+    recompute = proj is not None and 8 * proj.shape[1] <= proj.shape[0]
+    return _InputNorm.apply(x, proj, norm.weight, shift, norm, ext, recompute)
 
 
 class _InputNorm(torch.autograd.Function):
-    """`normalize_input`'s pass: the compiled `norm_rows` kernels on the ``(T·B, F)`` rows (a batch norm with
-    per-step statistics: one group of B rows per step)."""
+    """`normalize_input`'s node: the projection through oneDNN, then the compiled `norm_rows` kernels on the
+    ``(T·B, F)`` rows (a batch norm with per-step statistics: one group of B rows per step)."""
 
     @staticmethod
-    def forward(ctx, x, weight, shift, norm: StepNorm, ext):
-        steps, batch, features = x.shape
-        rows = x.view(steps * batch, features)
+    def forward(ctx, x, proj, weight, shift, norm: StepNorm, ext, recompute: bool):
+        steps, batch = x.shape[:2]
+        rows = x.view(steps * batch, x.shape[2])
+        p = rows if proj is None else Linear(proj, rows.shape[0])(rows)
+        features = p.shape[1]
         n = ext.Norm()
         n.fw, n.fb, n.w = weight, shift, weight
         n.eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
@@ -314,22 +322,30 @@ class _InputNorm(torch.autograd.Function):
             n.kind, n.per_step, n.momentum = 3, bn.per_step, bn.momentum
             n.mean, n.rstd = x.new_empty(groups, features), x.new_empty(groups, features)
             n.rm, n.rv = bn.running_mean, bn.running_var
-        y = torch.empty_like(x)
-        ext.norm_rows_forward(n, rows, y.view_as(rows), groups)
-        ctx.save_for_backward(x)
+        y = p.new_empty(steps, batch, features)
+        ext.norm_rows_forward(n, p, y.view_as(p), groups)
+        ctx.save_for_backward(x, proj, None if recompute or proj is None else p)
         ctx.norm, ctx.groups, ctx.ext = n, groups, ext
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        n = ctx.norm
-        n.dw = torch.zeros_like(n.w) if ctx.needs_input_grad[1] else None
-        n.db = torch.zeros_like(n.fb) if ctx.needs_input_grad[2] else None
-        dx = torch.empty_like(x)
+        x, proj, p = ctx.saved_tensors
         rows = x.view(-1, x.shape[-1])
-        ctx.ext.norm_rows_backward(n, dy.contiguous().view_as(rows), rows, dx.view_as(rows), ctx.groups)
-        return _grads(ctx, dx, n.dw, n.db)
+        if proj is None:
+            p = rows
+        elif p is None:  # recompute the projection
+            p = Linear(proj, rows.shape[0])(rows)
+        n = ctx.norm
+        n.dw = torch.zeros_like(n.w) if ctx.needs_input_grad[2] else None
+        n.db = torch.zeros_like(n.fb) if ctx.needs_input_grad[3] else None
+        dp = torch.empty_like(p)
+        ctx.ext.norm_rows_backward(n, dy.contiguous().view_as(p), p, dp, ctx.groups)
+        if proj is None:
+            return _grads(ctx, dp.view_as(x), None, n.dw, n.db)
+        dx = Linear(proj.t().contiguous(), dp.shape[0])(dp).view_as(x) if ctx.needs_input_grad[0] else None
+        dproj = outer(dp, rows) if ctx.needs_input_grad[1] else None
+        return _grads(ctx, dx, dproj, n.dw, n.db)
 
 
 @dataclass
