@@ -487,18 +487,24 @@ class LNGRUCell(GRUCell):
         return a if b is None else a + b
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return self._norm(linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, self.bias_ih)
+        if not self.fused:
+            return self._norm(linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, self.bias_ih)
+        # The fused recurrence takes b_hh's r, z part in the input term (b_hn stays inside the reset gate).
+        h2 = 2 * self.hidden_size
+        b = None if self.bias_ih is None else torch.cat([self.bias_ih[:h2] + self.bias_hh[:h2], self.bias_ih[h2:]])
+        shifts = (None, None) if b is None else (b[:h2], b[h2:])
+        blocks = ((self.ln_ih_rz, self.weight_ih[:h2], shifts[0]), (self.ln_ih_n, self.weight_ih[h2:], shifts[1]))
+        parts = [normalize_input(norm, x, w, shift, mask) for norm, w, shift in blocks]
+        if all(p is not None for p in parts):  # each block's W_x x and its norm in one node
+            return torch.cat(parts, dim=-1)
+        return self._norm(linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, b)
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
         return self._norm(F.linear(h, self.weight_hh), self.ln_hh_rz, self.ln_hh_n, self.bias_hh)
 
     def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
         """The recurrence with a hand-written backward (`zoo.nn.fused.FusedGRU`), on packed rows."""
-        h2 = 2 * self.hidden_size
-        b_hn = None
-        if self.bias_hh is not None:  # b_hh's r, z part joins the input term; b_hn stays inside the reset gate
-            u = torch.cat([u[:, :h2] + self.bias_hh[:h2], u[:, h2:]], dim=1)
-            b_hn = self.bias_hh[h2:]
+        b_hn = None if self.bias_hh is None else self.bias_hh[2 * self.hidden_size :]  # (the r, z part is in u)
         n_rz, n_n = StepNorm(self.ln_hh_rz), StepNorm(self.ln_hh_n, shift=b_hn)
         out, h = FusedGRU.apply(u, state[0], self.weight_hh, b_hn, *n_rz.params(), *n_n.params(), layout, n_rz, n_n)
         return out, (h,)

@@ -182,6 +182,22 @@ class StepNorm:
         self.stats.append((mean, rstd))
         return y
 
+    def output(self, z: Tensor, t: int) -> Tensor:
+        """`forward`'s result for step ``t`` again, from the statistics it saved (a layer or RMS norm, or none)."""
+        if self.kind == "ln":
+            mean, rstd = self.stats[t]
+            y = torch.addcmul(-mean * rstd, z, rstd)
+        elif self.kind == "rms":
+            (rstd,) = self.stats[t]
+            y = z * rstd
+        elif self.kind == "none":
+            y = z.clone()
+        else:
+            raise TypeError("output() recomputes a layer or RMS norm only")
+        if self.fwd_weight is not None:
+            y.mul_(self.fwd_weight)
+        return y if self.fwd_bias is None else y.add_(self.fwd_bias)
+
     def backward(self, dy: Tensor, z: Tensor, t: int) -> Tensor:
         """The gradient with respect to ``z`` given that of the (unscaled, unshifted) normalized output ``dy``.
 
@@ -626,7 +642,6 @@ class FusedGRU(torch.autograd.Function):
         norm_n.start(steps, u)
         lin = Linear(w_hh, layout.batch_sizes[0])
         rz = u.new_empty(n_rows, 2 * hidden)  # σ(r), σ(z)
-        yn = u.new_empty(n_rows, hidden)  # N_n(a_n) + b_hn
         nn_ = u.new_empty(n_rows, hidden)  # the candidate n
         h = u.new_empty(n_rows, hidden)
         a_all = torch.empty_like(u)  # W_h h_{t-1}; its gradient in backward
@@ -639,24 +654,23 @@ class FusedGRU(torch.autograd.Function):
             u_rz, u_n = u[rows, : 2 * hidden], u[rows, 2 * hidden :]
             rzt = torch.add(norm_rz.forward(a_rz, t), u_rz, out=rz[rows]).sigmoid_()
             r, z = rzt[:, :hidden], rzt[:, hidden:]
-            ynt = norm_n.forward(a_n, t)
-            yn[rows] = ynt
+            ynt = norm_n.forward(a_n, t)  # (not kept: backward recomputes it from its statistics)
             nt = torch.tanh(torch.addcmul(u_n, r, ynt), out=nn_[rows])
             torch.addcmul(nt, z, hp - nt, out=h[rows])
         last = layout.last_rows(u.device)
-        ctx.save_for_backward(h0, w_hh, rz, yn, nn_, h, a_all)
+        ctx.save_for_backward(h0, w_hh, rz, nn_, h, a_all)
         ctx.layout, ctx.norm_rz, ctx.norm_n = layout, norm_rz, norm_n
         return h, h[last]
 
     @staticmethod
     def backward(ctx, dout, dhn):
-        h0, w_hh, rz, yn, nn_, h, a_all = ctx.saved_tensors
+        h0, w_hh, rz, nn_, h, a_all = ctx.saved_tensors
         layout, norm_rz, norm_n = ctx.layout, ctx.norm_rz, ctx.norm_n
         hidden = h0.shape[1]
         dh_carry = dhn.clone() if dhn is not None else torch.zeros_like(h0)  # as in FusedLSTM.backward
         lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
         du = rz.new_empty(rz.shape[0], 3 * hidden)
-        dyn = torch.empty_like(yn)
+        dyn = torch.empty_like(nn_)
         norm_rz.zero_grads()
         norm_n.zero_grads()
         dw_hh = OuterSum(layout, h0, h, a_all.shape[1])
@@ -664,7 +678,8 @@ class FusedGRU(torch.autograd.Function):
             for t in reversed(chunk):
                 rows, bs = layout.at(t), layout.batch_sizes[t]
                 hp = h0 if t == 0 else h[layout.prev(t)]
-                rzt, nt, ynt = rz[rows], nn_[rows], yn[rows]
+                rzt, nt = rz[rows], nn_[rows]
+                ynt = norm_n.output(a_all[rows, 2 * hidden :], t)  # N_n(a_n) + b_hn
                 dh = dh_carry[:bs] if dout is None else dh_carry[:bs].add_(dout[rows])
                 r, z = rzt[:, :hidden], rzt[:, hidden:]
                 dut = du[rows]
