@@ -261,3 +261,23 @@ def test_input_norm_kernel_declines_what_it_lacks() -> None:
     assert fused_module.normalize_input(bn.eval(), x, None, None, None) is None
     assert fused_module.normalize_input(bn.train(), x, None, None, None) is None
     assert fused_module.normalize_input(bn, x[: T - 1], None, None, None) is not None
+
+
+@pytest.mark.parametrize(("steps", "batch", "max_steps"), [(64, 64, None), (2, 4096, 2)], ids=["shared", "per-step"])
+def test_input_norm_kernel_large_batch_norm(steps: int, batch: int, max_steps: int | None) -> None:
+    """Statistics over more than 2^18 elements are summed row-parallel: the same output, gradients and running
+    statistics as the module (float64)."""
+    features = 80
+    assert batch * features * (steps if max_steps is None else 1) > 2**18
+    bn = zoo.nn.norm.MaskedBatchNorm(features, max_steps=max_steps, gamma=0.7).double().train()
+    reference = copy.deepcopy(bn)
+    x = torch.randn(steps, batch, features, dtype=torch.float64) * 2 + 1
+    dy = torch.randn_like(x)
+    results = []
+    for m, kernel in ((bn, True), (reference, False)):
+        xr = x.clone().requires_grad_()
+        y = fused_module.normalize_input(m, xr, None, None, None) if kernel else m(xr)
+        results.append(
+            (y, torch.autograd.grad((y * dy).sum(), [xr, *m.parameters()]), [b.clone() for b in m.buffers()])
+        )
+    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-10)

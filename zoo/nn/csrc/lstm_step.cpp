@@ -204,6 +204,27 @@ struct Partials {
   }
 };
 
+// Beyond this many elements a batch norm's rows no longer stay in cache between its passes over one block of features:
+// its statistics are then summed row-parallel (contiguous rows, per-thread partial sums) instead of feature-parallel.
+constexpr int64_t kCachedElements = 1 << 18;
+
+// out[0 : k·F] = Σ over rows r < bs of what body(r, p) adds to the k·F accumulators p (row-parallel, per-thread
+// partial sums added at the end).
+template <typename T, typename Body>
+void column_sums(int64_t bs, int64_t F, int64_t k, T* out, const Body& body) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<T> part(threads * k * F, T(0));
+  at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < threads, "lstm_step: thread ", tid, " of ", threads);
+    T* p = part.data() + tid * k * F;
+    for (int64_t r = r0; r < r1; ++r) body(r, p);
+  });
+  std::fill(out, out + k * F, T(0));
+  for (int64_t i = 0; i < threads; ++i)
+    for (int64_t j = 0; j < k * F; ++j) out[j] += part[i * k * F + j];
+}
+
 // y[r, :] = N(x[r, :]) for bs rows of F features; saves the statistics (rows at save_off, or row t for BN).
 template <typename T>
 void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, int64_t save_off) {
@@ -226,7 +247,39 @@ void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, i
   T* rm = update ? n.rm->data_ptr<T>() + slot * F : nullptr;
   T* rv = update ? n.rv->data_ptr<T>() + slot * F : nullptr;
   const T mom = static_cast<T>(n.momentum);
-  at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {
+  if (bs * F > kCachedElements) {  // three row-parallel passes: the sums, the squared deviations, the output
+    column_sums<T>(bs, F, 1, mean_s, [&](int64_t r, T* __restrict p) {
+      const T* __restrict xr = x + r * F;
+      for (int64_t j = 0; j < F; ++j) p[j] += xr[j];
+    });
+    for (int64_t j = 0; j < F; ++j) mean_s[j] /= bs;
+    column_sums<T>(bs, F, 1, rstd_s, [&](int64_t r, T* __restrict p) {
+      const T* __restrict xr = x + r * F;
+      const T* __restrict mu = mean_s;
+      for (int64_t j = 0; j < F; ++j) {
+        const T d = xr[j] - mu[j];
+        p[j] += d * d;  // the sum of squares, for now
+      }
+    });
+    for (int64_t j = 0; j < F; ++j) {
+      if (update) {
+        rm[j] = (T(1) - mom) * rm[j] + mom * mean_s[j];
+        rv[j] = (T(1) - mom) * rv[j] + mom * rstd_s[j] / (bs - 1);
+      }
+      rstd_s[j] = T(1) / std::sqrt(rstd_s[j] / bs + eps);
+    }
+    at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
+      const T* __restrict mu = mean_s;
+      const T* __restrict rs = rstd_s;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict xr = x + r * F;
+        T* __restrict yr = y + r * F;
+        for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu[j]) * rs[j] * fw[j] + fb[j];
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {  // all passes over one block of features
     T* __restrict mu = mean_s;
     T* __restrict rs = rstd_s;
     for (int64_t j = j0; j < j1; ++j) mu[j] = 0;
@@ -281,6 +334,35 @@ void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t 
   T* db = mptr_or_null<T>(n.db);
   const T* mu = n.mean->data_ptr<T>() + t * F;
   const T* rs = n.rstd->data_ptr<T>() + t * F;
+  if (bs * F > kCachedElements) {  // row-parallel: Σ dy and Σ dy·x̂, then dx
+    std::vector<T> sums(2 * F);
+    column_sums<T>(bs, F, 2, sums.data(), [&](int64_t r, T* __restrict p) {
+      const T* __restrict dyr = dy + r * F;
+      const T* __restrict xr = x + r * F;
+      for (int64_t j = 0; j < F; ++j) {
+        p[j] += dyr[j];
+        p[F + j] += dyr[j] * (xr[j] - mu[j]) * rs[j];
+      }
+    });
+    const T* a = sums.data();
+    const T* b = sums.data() + F;
+    for (int64_t j = 0; j < F; ++j) {
+      if (dw) dw[j] += b[j];
+      if (db) db[j] += a[j];
+    }
+    at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* dyr = dy + r * F;
+        const T* __restrict xr = x + r * F;
+        T* dxr = dx + r * F;
+        for (int64_t j = 0; j < F; ++j) {
+          const T xh = (xr[j] - mu[j]) * rs[j];
+          dxr[j] = (dyr[j] - a[j] / bs - xh * b[j] / bs) * (w[j] * rs[j]);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {  // per-feature statistics: by features
     const int64_t m = j1 - j0;
     std::vector<T> sdy(m, T(0)), sdyx(m, T(0));
