@@ -17,6 +17,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -147,17 +148,23 @@ inline void row_backward(const RowNorm<T>& n, const T* dy, const T* x, T* dx, in
   if (n.kind == LN || n.kind == RMS) {
     const T mu = n.mean ? n.mean[r] : T(0), rs = n.rstd[r];
     T a = 0, b = 0;
-    for (int64_t j = 0; j < F; ++j) {
-      const T g = dy[j] * w[j];
-      a += g;
-      b += g * (x[j] - mu) * rs;
-    }
+    auto sums = [&](auto with_w, auto with_b) {  // one pass: the row's two sums and its gain / shift gradients
+      for (int64_t j = 0; j < F; ++j) {
+        const T xh = (x[j] - mu) * rs, g = dy[j] * w[j];
+        a += g;
+        b += g * xh;
+        if constexpr (decltype(with_w)::value) pw[j] += dy[j] * xh;
+        if constexpr (decltype(with_b)::value) pb[j] += dy[j];
+      }
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (pw && pb) sums(yes{}, yes{});
+    else if (pw) sums(yes{}, no{});
+    else if (pb) sums(no{}, yes{});
+    else sums(no{}, no{});
     a = n.kind == LN ? a / F : T(0);
     b /= F;
-    if (pw)
-      for (int64_t j = 0; j < F; ++j) pw[j] += dy[j] * (x[j] - mu) * rs;
-    if (pb)
-      for (int64_t j = 0; j < F; ++j) pb[j] += dy[j];
     for (int64_t j = 0; j < F; ++j) {  // (each dy[j] is read before dx[j] is written)
       const T g = dy[j] * w[j];
       dx[j] = (g - a - (x[j] - mu) * rs * b) * rs;
