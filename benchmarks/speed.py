@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "(glibc default)"),
+        "compiled_step": zoo.nn.fused.extension_available(),  # built by `python -m zoo.nn.build`
     }
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     header = (
