@@ -611,30 +611,32 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT packed_t, co
   }
 }
 
+// The rows of each of the `groups` equal groups of consecutive rows of x (R, F).
+int64_t rows_per_group(const Tensor& x, int64_t groups) {
+  check(x, x, "x");
+  TORCH_CHECK(x.dim() == 2 && groups >= 1 && x.size(0) % groups == 0, "norm_rows: ", x.sizes(),
+              " does not split into ", groups, " groups of rows");
+  return x.size(0) / groups;
+}
+
 // y = N(x) for x (R, F) split into `groups` equal groups of consecutive rows: a training batch norm takes the
 // statistics of each group (group g is time step g: its row of the saved statistics and of the running statistics);
 // LayerNorm and RMSNorm (groups = 1) normalize each row. The input term W_x x of all steps at once.
 void norm_rows_forward(Norm& n, const Tensor& x, const Tensor& y, int64_t groups) {
-  check(x, x, "x");
   check(y, x, "y");
-  const int64_t R = x.size(0), F = x.size(1);
-  TORCH_CHECK(groups >= 1 && R % groups == 0, "norm_rows: ", R, " rows do not split into ", groups, " groups");
-  const int64_t per = R / groups;
+  const int64_t per = rows_per_group(x, groups), F = x.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_rows_forward", [&] {
+    using T = scalar_t;
     for (int64_t g = 0; g < groups; ++g)
-      norm_forward<scalar_t>(n, x.data_ptr<scalar_t>() + g * per * F, y.data_ptr<scalar_t>() + g * per * F, per, F, g,
-                             g * per);
+      norm_forward<T>(n, x.data_ptr<T>() + g * per * F, y.data_ptr<T>() + g * per * F, per, F, g, g * per);
   });
 }
 
 // The backward of norm_rows_forward: dx from dy; the gain and shift gradients are added to n.dw, n.db.
 void norm_rows_backward(Norm& n, const Tensor& dy, const Tensor& x, const Tensor& dx, int64_t groups) {
-  check(x, x, "x");
   check(dy, x, "dy");
   check(dx, x, "dx");
-  const int64_t R = x.size(0), F = x.size(1);
-  TORCH_CHECK(groups >= 1 && R % groups == 0, "norm_rows: ", R, " rows do not split into ", groups, " groups");
-  const int64_t per = R / groups;
+  const int64_t per = rows_per_group(x, groups), F = x.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_rows_backward", [&] {
     using T = scalar_t;
     for (int64_t g = 0; g < groups; ++g)
