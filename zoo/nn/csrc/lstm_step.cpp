@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <new>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -38,6 +39,26 @@ struct Norm {
   double eps = 1e-5, momentum = 0.1;
   OptT dw, db;  // gradient accumulators (F,)
 };
+
+// std::vector storage aligned to 64 bytes, as every tensor's is. GCC peels a vectorized loop's first iterations until
+// an access is aligned, and those run scalar code whose -ffast-math rounding may differ from the vector body's in the
+// last bit: with malloc's varying alignment one call would then round differently from the next (training would not
+// be bitwise reproducible). With aligned buffers the split is the same on every call.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, Aligned64<T>>;
 
 template <typename T>
 inline T sigm(T x) {
@@ -64,7 +85,7 @@ inline const T* feature_row(const OptT& t, int64_t row, int64_t F) {
 // A per-feature pointer, or (when absent) one to F copies of `fill`: the loops then need no branch on it, which would
 // keep GCC from vectorizing them.
 template <typename T>
-inline const T* or_fill(const T* p, std::vector<T>& store, int64_t F, T fill) {
+inline const T* or_fill(const T* p, Buffer<T>& store, int64_t F, T fill) {
   if (p) return p;
   store.assign(F, fill);
   return store.data();
@@ -89,7 +110,7 @@ struct RowNorm {
 };
 
 template <typename T>
-RowNorm<T> row_norm(Norm& n, int64_t t, int64_t save_off, int64_t F, std::vector<T>& ones) {
+RowNorm<T> row_norm(Norm& n, int64_t t, int64_t save_off, int64_t F, Buffer<T>& ones) {
   TORCH_CHECK(n.kind == NONE || n.kind == LN || n.kind == RMS || n.kind == AFFINE, "lstm_step: norm kind ", n.kind,
               " is not row-local");
   RowNorm<T> r;
@@ -190,7 +211,7 @@ struct Partials {
   int64_t F, threads;
   T* dw;
   T* db;
-  std::vector<T> w, b;
+  Buffer<T> w, b;
   Partials(Norm& n, int64_t F)
       : F(F), threads(at::get_num_threads()), dw(mptr_or_null<T>(n.dw)), db(mptr_or_null<T>(n.db)),
         w(dw ? threads * F : 0, T(0)), b(db ? threads * F : 0, T(0)) {}
@@ -220,7 +241,7 @@ constexpr int64_t kCachedElements = 1 << 18;
 template <typename T, typename Body>
 void column_sums(int64_t bs, int64_t F, int64_t k, T* out, const Body& body) {
   const int64_t threads = at::get_num_threads();
-  std::vector<T> part(threads * k * F, T(0));
+  Buffer<T> part(threads * k * F, T(0));
   at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
     const int64_t tid = at::get_thread_num();
     TORCH_CHECK(tid >= 0 && tid < threads, "lstm_step: thread ", tid, " of ", threads);
@@ -236,14 +257,14 @@ void column_sums(int64_t bs, int64_t F, int64_t k, T* out, const Body& body) {
 template <typename T>
 void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, int64_t save_off) {
   if (n.kind != BN_TRAIN) {
-    std::vector<T> ones;
+    Buffer<T> ones;
     const RowNorm<T> rn = row_norm<T>(n, t, save_off, F, ones);
     at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) row_forward<T>(rn, x + r * F, y + r * F, F, r);
     });
     return;
   }
-  std::vector<T> ones, zeros;
+  Buffer<T> ones, zeros;
   const T* fw = or_fill(feature_row<T>(n.fw, t, F), ones, F, T(1));
   const T* fb = or_fill(feature_row<T>(n.fb, t, F), zeros, F, T(0));
   const T eps = static_cast<T>(n.eps);
@@ -324,7 +345,7 @@ void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, i
 // shift gradients are added to n.dw, n.db.
 template <typename T>
 void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t F, int64_t t, int64_t save_off) {
-  std::vector<T> ones;
+  Buffer<T> ones;
   if (n.kind != BN_TRAIN) {
     const RowNorm<T> rn = row_norm<T>(n, t, save_off, F, ones);
     Partials<T> part(n, F);
@@ -342,7 +363,7 @@ void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t 
   const T* mu = n.mean->data_ptr<T>() + t * F;
   const T* rs = n.rstd->data_ptr<T>() + t * F;
   if (bs * F > kCachedElements) {  // row-parallel: Σ dy and Σ dy·x̂, then dx
-    std::vector<T> sums(2 * F);
+    Buffer<T> sums(2 * F);
     column_sums<T>(bs, F, 2, sums.data(), [&](int64_t r, T* __restrict p) {
       const T* __restrict dyr = dy + r * F;
       const T* __restrict xr = x + r * F;
@@ -372,7 +393,7 @@ void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t 
   }
   at::parallel_for(0, F, kFeatureGrain, [&](int64_t j0, int64_t j1) {  // per-feature statistics: by features
     const int64_t m = j1 - j0;
-    std::vector<T> sdy(m, T(0)), sdyx(m, T(0));
+    Buffer<T> sdy(m, T(0)), sdyx(m, T(0));
     T* __restrict a = sdy.data();
     T* __restrict b = sdyx.data();
     for (int64_t r = 0; r < bs; ++r) {
@@ -448,7 +469,7 @@ void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Te
       }
     };
     if (nh.kind != BN_TRAIN && nc.kind != BN_TRAIN) {
-      std::vector<T> ones_h, ones_c;
+      Buffer<T> ones_h, ones_c;
       const RowNorm<T> rh = row_norm<T>(nh, t, save_off, G, ones_h);
       const RowNorm<T> rc = row_norm<T>(nc, t, save_off, H, ones_c);
       at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
@@ -533,7 +554,7 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
       for (int64_t j = 0; j < G; ++j) dr[j] *= sr[j] - sr[j] * sr[j];  // σ'; the candidate block: 4σ'(2g)
     };
     if (nh.kind != BN_TRAIN && nc.kind != BN_TRAIN) {
-      std::vector<T> ones_h, ones_c;
+      Buffer<T> ones_h, ones_c;
       const RowNorm<T> rh = row_norm<T>(nh, t, off, G, ones_h);
       const RowNorm<T> rc = row_norm<T>(nc, t, off, H, ones_c);
       Partials<T> ph(nh, G), pc(nc, H);
