@@ -1,16 +1,18 @@
 """The fused recurrence: a hand-written backward through time for the normalized LSTM and GRU cells.
 
-The cell's input projection (and its normalization) is computed for all steps at once by autograd; what remains, the
-recurrence, runs here in one `torch.autograd.Function` whose backward is written out step by step, with the weight and
-gain gradients taken as single large products after the loop. The sequences are processed in `PackedSequence` order
-(sorted by length, time-major): at step t only the first ``batch_sizes[t]`` rows are still running, so a masked batch
-statistic is a statistic over a prefix, and finished rows cost nothing.
+The cell's input term, W_x x and its normalization, is computed for all steps at once (`normalize_input`: one autograd
+node); what remains, the recurrence, runs in one `torch.autograd.Function` whose backward is written out step by step,
+with the weight and gain gradients taken as large products after (W_h: in chunks during) the loop. The sequences are
+processed in `PackedSequence` order (sorted by length, time-major): at step t only the first ``batch_sizes[t]`` rows are
+still running, so a masked batch statistic is a statistic over a prefix, and finished rows cost nothing.
 
 What makes it fast, from measurement on CPU: the recurrent products use oneDNN's GEMM with the weights packed once per
 sequence (about twice as fast as `torch.mm` at these shapes); tanh(x) = 2σ(2x) − 1 lets one sigmoid cover all four LSTM
-gates (the candidate block of the pre-activations is doubled); the vendor kernels `native_layer_norm`,
-`_fused_rms_norm` and `native_batch_norm` (and their backward kernels) normalize each step in one call. The reference
-path (`fused=False`) defines the result; the tests hold the two equal.
+gates (the candidate block of the pre-activations is doubled). For the LSTM family the whole loop over steps, GEMMs
+included, runs in the compiled extension (``zoo/nn/csrc/lstm_step.cpp``, built by ``python -m zoo.nn.build``); without
+it, a Python loop calls the vendor kernels `native_layer_norm`, `_fused_rms_norm` and `native_batch_norm` (and their
+backward kernels), one per step and norm. The reference path (`fused=False`) defines the result; the tests hold all
+of them equal.
 """
 
 from __future__ import annotations
