@@ -205,30 +205,39 @@ inline void row_backward(const RowNorm<T>& n, const T* dy, const T* x, T* dx, in
   if (dx != dy) std::copy(dy, dy + F, dx);  // none, or a fixed scale folded into the forward only
 }
 
-// Per-thread partial sums of a norm's gain and shift gradients over a step's rows, added to n.dw, n.db by `finish`.
+// Per-thread partial sums of `width` accumulators (a reduction over rows run row-parallel): each thread adds into
+// at(thread()), and add_to sums the threads' shares into out at the end, in a fixed order.
 template <typename T>
-struct Partials {
-  int64_t F, threads;
-  T* dw;
-  T* db;
-  Buffer<T> w, b;
-  Partials(Norm& n, int64_t F)
-      : F(F), threads(at::get_num_threads()), dw(mptr_or_null<T>(n.dw)), db(mptr_or_null<T>(n.db)),
-        w(dw ? threads * F : 0, T(0)), b(db ? threads * F : 0, T(0)) {}
+struct ThreadSums {
+  int64_t width, threads;
+  Buffer<T> part;
+  explicit ThreadSums(int64_t width) : width(width), threads(at::get_num_threads()), part(threads * width, T(0)) {}
   int64_t thread() const {
     const int64_t tid = at::get_thread_num();
     TORCH_CHECK(tid >= 0 && tid < threads, "lstm_step: thread ", tid, " of ", threads);
     return tid;
   }
-  T* pw(int64_t tid) { return dw ? w.data() + tid * F : nullptr; }
-  T* pb(int64_t tid) { return db ? b.data() + tid * F : nullptr; }
+  T* at(int64_t tid) { return part.data() + tid * width; }
+  void add_to(T* out) const {
+    for (int64_t k = 0; k < threads; ++k)
+      for (int64_t j = 0; j < width; ++j) out[j] += part[k * width + j];
+  }
+};
+
+// A norm's gain and shift gradients over a step's rows (per-thread partial sums), added to n.dw, n.db by `finish`.
+template <typename T>
+struct Partials {
+  T* dw;
+  T* db;
+  ThreadSums<T> w, b;
+  Partials(Norm& n, int64_t F)
+      : dw(mptr_or_null<T>(n.dw)), db(mptr_or_null<T>(n.db)), w(dw ? F : 0), b(db ? F : 0) {}
+  int64_t thread() const { return w.thread(); }
+  T* pw(int64_t tid) { return dw ? w.at(tid) : nullptr; }
+  T* pb(int64_t tid) { return db ? b.at(tid) : nullptr; }
   void finish() {
-    for (int64_t k = 0; k < threads; ++k) {
-      if (dw)
-        for (int64_t j = 0; j < F; ++j) dw[j] += w[k * F + j];
-      if (db)
-        for (int64_t j = 0; j < F; ++j) db[j] += b[k * F + j];
-    }
+    if (dw) w.add_to(dw);
+    if (db) b.add_to(db);
   }
 };
 
@@ -240,17 +249,13 @@ constexpr int64_t kCachedElements = 1 << 18;
 // partial sums added at the end).
 template <typename T, typename Body>
 void column_sums(int64_t bs, int64_t F, int64_t k, T* out, const Body& body) {
-  const int64_t threads = at::get_num_threads();
-  Buffer<T> part(threads * k * F, T(0));
+  ThreadSums<T> sums(k * F);
   at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
-    const int64_t tid = at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < threads, "lstm_step: thread ", tid, " of ", threads);
-    T* p = part.data() + tid * k * F;
+    T* p = sums.at(sums.thread());
     for (int64_t r = r0; r < r1; ++r) body(r, p);
   });
   std::fill(out, out + k * F, T(0));
-  for (int64_t i = 0; i < threads; ++i)
-    for (int64_t j = 0; j < k * F; ++j) out[j] += part[i * k * F + j];
+  sums.add_to(out);
 }
 
 // y[r, :] = N(x[r, :]) for bs rows of F features; saves the statistics (rows at save_off, or row t for BN).
