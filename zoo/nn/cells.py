@@ -368,6 +368,22 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
     def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
         return None, None
 
+    @property
+    def native(self) -> str | None:
+        """The vendor kernel's "lstm" in evaluation, where the running statistics make BN(W_x x) affine in x:
+        the cell is then exactly an LSTM (`native_weights`). Training normalizes with batch statistics."""
+        return None if self.bn_ih.training else "lstm"
+
+    def native_weights(self) -> list[Tensor]:
+        """The evaluation-mode cell as a plain LSTM: BN(W_x x) + b = diag(s) W_x x + (β - s μ + b) with
+        s = γ / √(σ² + ε) from the running statistics (μ, σ²), folded into W_x and b_ih; b_hh is zero."""
+        bn = self.bn_ih
+        scale = torch.rsqrt(bn.running_var[0] + bn.eps) * bn.weight
+        shift = -bn.running_mean[0] * scale
+        for b in (bn.bias, self.bias):
+            shift = shift if b is None else shift + b
+        return [self.weight_ih * scale.unsqueeze(1), self.weight_hh, shift, torch.zeros_like(shift)]
+
 
 class LNLSTMCell(_NormalizedLSTMCell):
     """Layer-normalized LSTM (Ba et al. 2016, eqs. 20-22).

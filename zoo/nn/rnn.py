@@ -202,7 +202,8 @@ class RNN(nn.Module):
         weights = [w for cell in self.cells for w in cell.native_weights()]
         kernel = _VF.lstm if self.cells[0].native == "lstm" else _VF.gru
         hx = tuple(states) if len(states) == 2 else states[0]
-        args = (weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        has_biases = len(weights) == 4 * len(self.cells)  # (a folded normalization brings biases of its own)
+        args = (weights, has_biases, self.num_layers, self.dropout, self.training, self.bidirectional)
         if lengths is None:
             out, *finals = kernel(x, hx, *args, False)
             return out, finals
