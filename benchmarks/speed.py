@@ -2,9 +2,9 @@
 
 For each shape (batch, length, input, hidden) and variant it times, interleaved with `torch.nn.LSTM` (`torch.nn.GRU`
 for the GRU variants, `torch.nn.RNN` with ReLU for IndRNN) built in the same process, the median training step
-(forward + backward) and inference (forward under `torch.no_grad`), their ratios to the native layer, tokens per second,
-the peak memory a training step adds (CUDA: `max_memory_allocated`; CPU: the peak resident set of a fresh process), and
-the first call (warm-up) time: building the layer and its first training step.
+(forward + backward) and inference (forward in evaluation mode under `torch.no_grad`), their ratios to the native
+layer, tokens per second, the peak memory a training step adds (CUDA: `max_memory_allocated`; CPU: the peak resident set
+of a fresh process), and the first call (warm-up) time: building the layer and its first training step.
 
     python benchmarks/speed.py                         # all variants, all shapes, CPU
     python benchmarks/speed.py --variants ln_lstm bn_lstm --shapes 32,100,64,256 --repeats 5
@@ -64,8 +64,11 @@ def train_step(module: nn.Module, x: Tensor) -> None:
 
 
 def infer_step(module: nn.Module, x: Tensor) -> None:
+    """Inference as a user runs it: evaluation mode (batch norms read their running statistics), no autograd."""
+    module.eval()
     with torch.no_grad():
         module(x)
+    module.train()
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
