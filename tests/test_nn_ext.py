@@ -189,14 +189,15 @@ def _input_norms() -> list[tuple[str, torch.nn.Module]]:
     ]
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("proj", [None, 1, 3], ids=["projected", "narrow-input", "wide-input"])
 @pytest.mark.parametrize("shift", [True, False], ids=["shift", "noshift"])
 @pytest.mark.parametrize("index", range(5), ids=[n for n, _ in _input_norms()])
-def test_input_norm_kernel_equals_module(index: int, shift: bool, proj: int | None) -> None:
+def test_input_norm_kernel_equals_module(index: int, shift: bool, proj: int | None, training: bool) -> None:
     """`normalize_input` (W_x x and its normalization in one node) = the module of the projection plus the shift:
     output, every gradient, running statistics (float64, statistics away from their start). ``proj``: the input
     width of W_x (None: x is the projection already); 1 is narrow enough for the projection to be recomputed in
-    backward (8 · 1 <= 8 features), 3 is kept."""
+    backward (8 · 1 <= 8 features), 3 is kept. Evaluation: a batch norm's affine map of its running statistics."""
     _, module = _input_norms()[index]
     module = module.double().train()
     with torch.no_grad():
@@ -204,6 +205,7 @@ def test_input_norm_kernel_equals_module(index: int, shift: bool, proj: int | No
             p.add_(0.3 * torch.randn_like(p))
     if hasattr(module, "running_mean"):
         module(torch.randn(T, B, 8, dtype=torch.float64) * 2 + 1)  # running statistics away from (0, 1)
+    module.train(training)
     reference = copy.deepcopy(module)
     x = torch.randn(T, B, proj or 8, dtype=torch.float64) * 3 + 0.5
     w = None if proj is None else torch.randn(8, proj, dtype=torch.float64)
@@ -239,10 +241,14 @@ def test_input_norm_recomputes_a_narrow_projection() -> None:
         assert shapes == [(T, B, width), (16, width), kept]
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("index", range(5), ids=[n for n, _ in _input_norms()])
-def test_input_norm_kernel_gradcheck(index: int) -> None:
+def test_input_norm_kernel_gradcheck(index: int, training: bool) -> None:
     _, module = _input_norms()[index]
     module = module.double().train()
+    if hasattr(module, "running_mean"):
+        module(torch.randn(T, 3, 8, dtype=torch.float64) * 2 + 1)
+    module.train(training)
     x = torch.randn(T, 3, 8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, dtype=torch.float64, requires_grad=True)
     weight = next(module.parameters()).detach().clone().requires_grad_()
@@ -255,13 +261,15 @@ def test_input_norm_kernel_gradcheck(index: int) -> None:
 
 
 def test_input_norm_kernel_declines_what_it_lacks() -> None:
-    """Padding, evaluation mode and a past-T_max error go to the module (None)."""
+    """Padding in training and a past-T_max error go to the module (None); evaluation ignores the padding."""
     bn = zoo.nn.norm.MaskedBatchNorm(8, max_steps=T - 1, past_max_steps="error")
     x = torch.randn(T, B, 8)
-    assert fused_module.normalize_input(bn, x, None, None, torch.ones(T, B, dtype=torch.bool)) is None
-    assert fused_module.normalize_input(bn.eval(), x, None, None, None) is None
-    assert fused_module.normalize_input(bn.train(), x, None, None, None) is None
-    assert fused_module.normalize_input(bn, x[: T - 1], None, None, None) is not None
+    mask = torch.ones(T - 1, B, dtype=torch.bool)
+    assert fused_module.normalize_input(bn, x[: T - 1], None, None, mask) is None
+    assert fused_module.normalize_input(bn.eval(), x[: T - 1], None, None, mask) is not None
+    for training in (True, False):
+        assert fused_module.normalize_input(bn.train(training), x, None, None, None) is None
+        assert fused_module.normalize_input(bn, x[: T - 1], None, None, None) is not None
 
 
 @pytest.mark.parametrize(("steps", "batch", "max_steps"), [(64, 64, None), (2, 4096, 2)], ids=["shared", "per-step"])

@@ -292,8 +292,8 @@ def normalize_input(
     """``module(x @ proj.T) + shift`` (``proj`` None: ``module(x) + shift``) for the input term of all steps, ``x``
     ``(T, B, ·)``, in one autograd node whose normalization is one compiled pass each way.
 
-    It applies to LayerNorm and RMSNorm, and to a batch norm in training without padding (``mask`` None) or
-    synchronization; elsewhere (and without the compiled extension) it returns None and the caller runs the module.
+    It applies to LayerNorm and RMSNorm, to a batch norm in evaluation, and to one in training without padding
+    (``mask`` None) or synchronization; elsewhere (and without the compiled extension) it returns None and the caller runs the module.
     The shift (the cell's bias) is added inside the normalization's pass. Where the input is narrow (at most an eighth
     of the projection's width, as a first layer usually is) the projection is not kept for backward but recomputed
     there: one small GEMM instead of a (T, B, 4H) tensor held through the whole backward pass.
@@ -301,7 +301,7 @@ def normalize_input(
     norm = StepNorm(module)
     if norm.kind == "bn":
         bn: MaskedBatchNorm = module
-        if not bn.training or mask is not None or bn.synchronized:
+        if bn.training and (mask is not None or bn.synchronized):
             return None
         if bn.per_step and bn.past_max_steps == "error" and x.shape[0] > bn.max_steps:
             return None  # the module raises its error
@@ -334,12 +334,18 @@ class _InputNorm(torch.autograd.Function):
             n.kind = 1 if norm.kind == "ln" else 2
             n.mean = x.new_empty(steps * batch) if norm.kind == "ln" else None
             n.rstd = x.new_empty(steps * batch)
-        else:
+        elif norm.module.training:
             bn: MaskedBatchNorm = norm.module
             groups = steps if bn.per_step else 1
             n.kind, n.per_step, n.momentum = 3, bn.per_step, bn.momentum
             n.mean, n.rstd = x.new_empty(groups, features), x.new_empty(groups, features)
             n.rm, n.rv = bn.running_mean, bn.running_var
+        else:  # evaluation: each step's affine map from the running statistics (`StepNorm.start`), shift included
+            groups = steps if norm.module.per_step else 1
+            norm.start(groups, x)
+            n.kind, n.mean, n.rstd = 4, norm.eval_mean.contiguous(), norm.eval_rstd.contiguous()
+            n.fw = n.rstd * weight
+            n.fb = -n.mean * n.fw if shift is None else shift - n.mean * n.fw
         y = p.new_empty(steps, batch, features)
         ext.norm_rows_forward(n, p, y.view_as(p), groups)
         ctx.save_for_backward(x, proj, None if recompute or proj is None else p)
@@ -356,7 +362,7 @@ class _InputNorm(torch.autograd.Function):
             p = Linear(proj, rows.shape[0])(rows)
         n = ctx.norm
         n.dw = torch.zeros_like(n.w) if ctx.needs_input_grad[2] else None
-        n.db = torch.zeros_like(n.fb) if ctx.needs_input_grad[3] else None
+        n.db = n.w.new_zeros(n.w.shape) if ctx.needs_input_grad[3] else None
         dp = torch.empty_like(p)
         ctx.ext.norm_rows_backward(n, dy.contiguous().view_as(p), p, dp, ctx.groups)
         if proj is None:
