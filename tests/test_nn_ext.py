@@ -189,15 +189,18 @@ def _input_norms() -> list[tuple[str, torch.nn.Module]]:
     ]
 
 
+@pytest.mark.parametrize("block", [1 << 19, 16], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("proj", [None, 1, 3], ids=["projected", "narrow-input", "wide-input"])
 @pytest.mark.parametrize("shift", [True, False], ids=["shift", "noshift"])
 @pytest.mark.parametrize("index", range(5), ids=[n for n, _ in _input_norms()])
-def test_input_norm_kernel_equals_module(index: int, shift: bool, proj: int | None, training: bool) -> None:
+def test_input_norm_kernel_equals_module(index, shift, proj, training, block, monkeypatch) -> None:
     """`normalize_input` (W_x x and its normalization in one node) = the module of the projection plus the shift:
     output, every gradient, running statistics (float64, statistics away from their start). ``proj``: the input
     width of W_x (None: x is the projection already); 1 is narrow enough for the projection to be recomputed in
-    backward (8 · 1 <= 8 features), 3 is kept. Evaluation: a batch norm's affine map of its running statistics."""
+    backward (8 · 1 <= 8 features), 3 is kept. Evaluation: a batch norm's affine map of its running statistics.
+    ``block``: the elements projected and normalized at a time; 16 makes blocks of one step or two rows."""
+    monkeypatch.setattr(fused_module, "INPUT_BLOCK", block)
     _, module = _input_norms()[index]
     module = module.double().train()
     with torch.no_grad():

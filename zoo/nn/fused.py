@@ -29,6 +29,8 @@ from .norm import MaskedBatchNorm
 
 aten = torch.ops.aten
 
+INPUT_BLOCK = 1 << 19  # elements of the input term projected and normalized at a time (a block in cache)
+
 
 def extension_available() -> bool:
     """Whether the compiled LSTM step (`zoo.nn._ext`, built by ``python -m zoo.nn.build``) is loaded and enabled."""
@@ -293,10 +295,10 @@ def normalize_input(
     ``(T, B, ·)``, in one autograd node whose normalization is one compiled pass each way.
 
     It applies to LayerNorm and RMSNorm, to a batch norm in evaluation, and to one in training without padding
-    (``mask`` None) or synchronization; elsewhere (and without the compiled extension) it returns None and the caller runs the module.
-    The shift (the cell's bias) is added inside the normalization's pass. Where the input is narrow (at most an eighth
-    of the projection's width, as a first layer usually is) the projection is not kept for backward but recomputed
-    there: one small GEMM instead of a (T, B, 4H) tensor held through the whole backward pass.
+    (``mask`` None) or synchronization; elsewhere (and without the compiled extension) it returns None and the caller
+    runs the module. The shift (the cell's bias) is added inside the normalization's pass. Where the input is narrow (at
+    most an eighth of the projection's width, as a first layer usually is) the projection is not kept for backward but
+    recomputed there, a block at a time: GEMMs of a few rows instead of a (T, B, 4H) tensor held through the backward.
     """
     norm = StepNorm(module)
     if norm.kind == "bn":
@@ -318,14 +320,15 @@ def normalize_input(
 
 class _InputNorm(torch.autograd.Function):
     """`normalize_input`'s node: the projection through oneDNN, then the compiled `norm_rows` kernels on the
-    ``(T·B, F)`` rows (a batch norm with per-step statistics: one group of B rows per step)."""
+    ``(T·B, F)`` rows (a batch norm with per-step statistics: one group of B rows per step). The forward projects and
+    normalizes a block of about `INPUT_BLOCK` elements at a time while it is in cache, except for a batch norm whose
+    statistics span all rows."""
 
     @staticmethod
     def forward(ctx, x, proj, weight, shift, norm: StepNorm, ext, recompute: bool):
         steps, batch = x.shape[:2]
         rows = x.view(steps * batch, x.shape[2])
-        p = rows if proj is None else Linear(proj, rows.shape[0])(rows)
-        features = p.shape[1]
+        features = rows.shape[1] if proj is None else proj.shape[0]
         n = ext.Norm()
         n.fw, n.fb, n.w = weight, shift, weight
         n.eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
@@ -346,8 +349,14 @@ class _InputNorm(torch.autograd.Function):
             n.kind, n.mean, n.rstd = 4, norm.eval_mean.contiguous(), norm.eval_rstd.contiguous()
             n.fw = n.rstd * weight
             n.fb = -n.mean * n.fw if shift is None else shift - n.mean * n.fw
-        y = p.new_empty(steps, batch, features)
-        ext.norm_rows_forward(n, p, y.view_as(p), groups)
+        y = x.new_empty(steps, batch, features)
+        if proj is not None and (n.kind != 3 or groups > 1):
+            p = None if recompute else x.new_empty(rows.shape[0], features)
+            lin = Linear(proj, min(rows.shape[0], max(batch, INPUT_BLOCK // features)))
+            ext.norm_rows_project(n, rows, proj, lin.packed, y.view(-1, features), groups, p, INPUT_BLOCK)
+        else:
+            p = rows if proj is None else Linear(proj, rows.shape[0])(rows)
+            ext.norm_rows_forward(n, p, y.view_as(p), groups)
         ctx.save_for_backward(x, proj, None if recompute or proj is None else p)
         ctx.norm, ctx.groups, ctx.ext = n, groups, ext
         return y
@@ -356,15 +365,20 @@ class _InputNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, proj, p = ctx.saved_tensors
         rows = x.view(-1, x.shape[-1])
-        if proj is None:
-            p = rows
-        elif p is None:  # recompute the projection
-            p = Linear(proj, rows.shape[0])(rows)
         n = ctx.norm
         n.dw = torch.zeros_like(n.w) if ctx.needs_input_grad[2] else None
         n.db = n.w.new_zeros(n.w.shape) if ctx.needs_input_grad[3] else None
-        dp = torch.empty_like(p)
-        ctx.ext.norm_rows_backward(n, dy.contiguous().view_as(p), p, dp, ctx.groups)
+        dy = dy.contiguous().view(rows.shape[0], -1)
+        dp = torch.empty_like(dy)
+        if proj is not None and p is None and (n.kind != 3 or ctx.groups > 1):  # recomputed a block at a time
+            lin = Linear(proj, min(rows.shape[0], max(x.shape[1], INPUT_BLOCK // dy.shape[1])))
+            ctx.ext.norm_rows_project_backward(n, dy, rows, proj, lin.packed, dp, ctx.groups, INPUT_BLOCK)
+        else:
+            if proj is None:
+                p = rows
+            elif p is None:  # recompute the projection
+                p = Linear(proj, rows.shape[0])(rows)
+            ctx.ext.norm_rows_backward(n, dy, p, dp, ctx.groups)
         if proj is None:
             return _grads(ctx, dp.view_as(x), None, n.dw, n.db)
         dx = Linear(proj.t().contiguous(), dp.shape[0])(dp).view_as(x) if ctx.needs_input_grad[0] else None

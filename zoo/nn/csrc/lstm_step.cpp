@@ -658,6 +658,72 @@ void norm_rows_forward(Norm& n, const Tensor& x, const Tensor& y, int64_t groups
   });
 }
 
+// Blocks of rows of the projection x @ W.T (x (R, I), W (F, I), R = groups · per): whole groups of about `block`
+// elements; body(r0, rows, p) gets each block's projection p (rows, F), computed while the last one is still in cache.
+// Not for a training batch norm whose statistics span all rows.
+template <typename Body>
+void project_blocks(const Norm& n, const Tensor& x, const Tensor& weight, const OptT& packed, int64_t F, int64_t per,
+                    int64_t groups, int64_t block, const Body& body) {
+  check(x, x, "x");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1) && weight.size(0) == F,
+              "lstm_step: projection of x ", x.sizes(), " by a weight ", weight.sizes(), " to ", F, " features");
+  TORCH_CHECK(!(n.kind == BN_TRAIN && groups == 1 && x.size(0) > 0), "lstm_step: a batch norm's statistics over all ",
+              "rows need the whole projection first");
+  const int64_t step = groups > 1 ? per : 1;  // the rows of a block are whole groups
+  const int64_t rows = std::max<int64_t>(1, block / std::max<int64_t>(1, step * F)) * step;
+  for (int64_t r0 = 0; r0 < x.size(0); r0 += rows) {
+    const int64_t nr = std::min(rows, x.size(0) - r0);
+    body(r0, nr, gemm(x.narrow(0, r0, nr), weight, packed).contiguous());
+  }
+}
+
+// norm_rows_forward of the projection x @ W.T, a block at a time (`project_blocks`), so that the projection is
+// normalized in cache instead of going to memory and back. `keep` (R, F), if given, receives the projection too.
+void norm_rows_project(Norm& n, const Tensor& x, const Tensor& weight, OptT packed, const Tensor& y, int64_t groups,
+                       OptT keep, int64_t block) {
+  check(y, x, "y");
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0), "norm_rows_project: y ", y.sizes(), " for x ", x.sizes());
+  const bool kept = keep.has_value() && keep->defined();
+  if (kept) check(*keep, y, "keep");
+  const int64_t per = rows_per_group(y, groups), F = y.size(1);
+  project_blocks(n, x, weight, packed, F, per, groups, block, [&](int64_t r0, int64_t nr, const Tensor& p) {
+    if (kept) keep->narrow(0, r0, nr).copy_(p);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "norm_rows_project", [&] {
+      using T = scalar_t;
+      if (groups == 1) {
+        norm_forward<T>(n, p.data_ptr<T>(), y.data_ptr<T>() + r0 * F, nr, F, 0, r0);
+        return;
+      }
+      for (int64_t g = r0 / per; g < (r0 + nr) / per; ++g)
+        norm_forward<T>(n, p.data_ptr<T>() + (g * per - r0) * F, y.data_ptr<T>() + g * per * F, per, F, g, g * per);
+    });
+  });
+}
+
+// norm_rows_backward of the projection x @ W.T recomputed a block at a time (`project_blocks`): dp from dy.
+void norm_rows_project_backward(Norm& n, const Tensor& dy, const Tensor& x, const Tensor& weight, OptT packed,
+                                const Tensor& dp, int64_t groups, int64_t block) {
+  check(dy, x, "dy");
+  check(dp, x, "dp");
+  TORCH_CHECK(dy.dim() == 2 && dy.sizes() == dp.sizes() && dy.size(0) == x.size(0), "norm_rows_project_backward: dy ",
+              dy.sizes(), ", dp ", dp.sizes(), " for x ", x.sizes());
+  const int64_t per = rows_per_group(dy, groups), F = dy.size(1);
+  project_blocks(n, x, weight, packed, F, per, groups, block, [&](int64_t r0, int64_t nr, const Tensor& p) {
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "norm_rows_project_backward", [&] {
+      using T = scalar_t;
+      const T* dyp = dy.data_ptr<T>();
+      T* dpp = dp.data_ptr<T>();
+      if (groups == 1) {
+        norm_backward<T>(n, dyp + r0 * F, p.data_ptr<T>(), dpp + r0 * F, nr, F, 0, r0);
+        return;
+      }
+      for (int64_t g = r0 / per; g < (r0 + nr) / per; ++g)
+        norm_backward<T>(n, dyp + g * per * F, p.data_ptr<T>() + (g * per - r0) * F, dpp + g * per * F, per, F, g,
+                         g * per);
+    });
+  });
+}
+
 // The backward of norm_rows_forward: dx from dy; the gain and shift gradients are added to n.dw, n.db.
 void norm_rows_backward(Norm& n, const Tensor& dy, const Tensor& x, const Tensor& dx, int64_t groups) {
   check(dy, x, "dy");
@@ -693,5 +759,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_loop", &forward_loop, "FusedLSTM forward: every step, GEMMs included");
   m.def("backward_loop", &backward_loop, "FusedLSTM backward: a range of steps, GEMMs included");
   m.def("norm_rows_forward", &norm_rows_forward, "a normalization of all rows (the input term), forward");
+  m.def("norm_rows_project", &norm_rows_project, "norm_rows_forward of a projection, a block of rows at a time");
+  m.def("norm_rows_project_backward", &norm_rows_project_backward,
+        "norm_rows_backward of a projection recomputed a block of rows at a time");
   m.def("norm_rows_backward", &norm_rows_backward, "a normalization of all rows (the input term), backward");
 }
