@@ -40,6 +40,15 @@ def test_fused_weight_gradient_in_chunks(variant: str, lengths: bool, monkeypatc
     check_fused(variant, {}, True, lengths, True)
 
 
+@pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
+@pytest.mark.parametrize(("variant", "options"), CASES, ids=[v + "-" + "-".join(o.values()) for v, o in CASES])
+def test_fused_in_small_blocks(variant: str, options: dict, lengths: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work done a block at a time (the input term's projection and norm, IndRNN's dw over a few steps at a time)
+    with blocks of 16 elements, so that every pass has several: the same results as the step-by-step engine."""
+    monkeypatch.setattr(zoo.nn.fused, "BLOCK", 16)
+    check_fused(variant, options, True, lengths, True)
+
+
 def check_fused(variant: str, options: dict, training: bool, lengths: bool, bias: bool) -> None:
     """The fused and step-by-step engines of one model: outputs, final states, every gradient, the buffers."""
     fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, bias=bias, fused=True, **options).double()

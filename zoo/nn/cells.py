@@ -581,6 +581,10 @@ class BNIndRNNCell(RecurrentCell):
             nn.init.zeros_(self.bias)
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        if self.fused and self.bn_placement == "input":  # BN(W_x x) + b in one node, where it applies
+            u = normalize_input(self.bn, x, self.weight_ih, self.bias, mask)
+            if u is not None:
+                return u
         u = linear(x, self.weight_ih)
         if self.bn_placement == "input":
             u = self.bn(u, mask)

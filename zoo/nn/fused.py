@@ -29,7 +29,7 @@ from .norm import MaskedBatchNorm
 
 aten = torch.ops.aten
 
-INPUT_BLOCK = 1 << 19  # elements of the input term projected and normalized at a time (a block in cache)
+BLOCK = 1 << 19  # elements worked on at a time where a whole tensor would not stay in cache (input term, IndRNN dw)
 
 
 def extension_available() -> bool:
@@ -321,7 +321,7 @@ def normalize_input(
 class _InputNorm(torch.autograd.Function):
     """`normalize_input`'s node: the projection through oneDNN, then the compiled `norm_rows` kernels on the
     ``(T·B, F)`` rows (a batch norm with per-step statistics: one group of B rows per step). The forward projects and
-    normalizes a block of about `INPUT_BLOCK` elements at a time while it is in cache, except for a batch norm whose
+    normalizes a block of about `BLOCK` elements at a time while it is in cache, except for a batch norm whose
     statistics span all rows."""
 
     @staticmethod
@@ -352,8 +352,8 @@ class _InputNorm(torch.autograd.Function):
         y = x.new_empty(steps, batch, features)
         if proj is not None and (n.kind != 3 or groups > 1):
             p = None if recompute else x.new_empty(rows.shape[0], features)
-            lin = Linear(proj, min(rows.shape[0], max(batch, INPUT_BLOCK // features)))
-            ext.norm_rows_project(n, rows, proj, lin.packed, y.view(-1, features), groups, p, INPUT_BLOCK)
+            lin = Linear(proj, min(rows.shape[0], max(batch, BLOCK // features)))
+            ext.norm_rows_project(n, rows, proj, lin.packed, y.view(-1, features), groups, p, BLOCK)
         else:
             p = rows if proj is None else Linear(proj, rows.shape[0])(rows)
             ext.norm_rows_forward(n, p, y.view_as(p), groups)
@@ -371,8 +371,8 @@ class _InputNorm(torch.autograd.Function):
         dy = dy.contiguous().view(rows.shape[0], -1)
         dp = torch.empty_like(dy)
         if proj is not None and p is None and (n.kind != 3 or ctx.groups > 1):  # recomputed a block at a time
-            lin = Linear(proj, min(rows.shape[0], max(x.shape[1], INPUT_BLOCK // dy.shape[1])))
-            ctx.ext.norm_rows_project_backward(n, dy, rows, proj, lin.packed, dp, ctx.groups, INPUT_BLOCK)
+            lin = Linear(proj, min(rows.shape[0], max(x.shape[1], BLOCK // dy.shape[1])))
+            ctx.ext.norm_rows_project_backward(n, dy, rows, proj, lin.packed, dp, ctx.groups, BLOCK)
         else:
             if proj is None:
                 p = rows
@@ -747,5 +747,12 @@ class FusedIndRNN(torch.autograd.Function):
             dpre.copy_(aten.threshold_backward(dh, h[rows], 0))
             torch.mul(dpre, w, out=dh_carry[:bs])
         dh0 = dh_carry
-        dw = (du * layout.previous(h0, h)).sum(0)
+        dw = torch.zeros_like(w) if ctx.needs_input_grad[2] else None
+        if dw is not None:  # Σ_t du_t ⊙ h_{t-1}, a few steps at a time: no (N, H) temporaries at the peak
+            steps = len(layout.batch_sizes)
+            chunk = max(1, BLOCK * steps // max(1, h.numel()))
+            for t0 in range(0, steps, chunk):
+                t1 = min(t0 + chunk, steps)
+                rows = slice(layout.offsets[t0], layout.offsets[t1 - 1] + layout.batch_sizes[t1 - 1])
+                dw.add_((du[rows] * layout.previous(h0, h, range(t0, t1))).sum(0))
         return _grads(ctx, du, dh0, dw)
