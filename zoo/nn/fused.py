@@ -349,13 +349,14 @@ class _InputNorm(torch.autograd.Function):
             n.kind, n.mean, n.rstd = 4, norm.eval_mean.contiguous(), norm.eval_rstd.contiguous()
             n.fw = n.rstd * weight
             n.fb = -n.mean * n.fw if shift is None else shift - n.mean * n.fw
-        y = x.new_empty(steps, batch, features)
         if proj is not None and (n.kind != 3 or groups > 1):
             p = None if recompute else x.new_empty(rows.shape[0], features)
+            y = x.new_empty(steps, batch, features)
             lin = Linear(proj, min(rows.shape[0], max(batch, BLOCK // features)))
             ext.norm_rows_project(n, rows, proj, lin.packed, y.view(-1, features), groups, p, BLOCK)
         else:
             p = rows if proj is None else Linear(proj, rows.shape[0])(rows)
+            y = x.new_empty(steps, batch, features)
             ext.norm_rows_forward(n, p, y.view_as(p), groups)
         ctx.save_for_backward(x, proj, None if recompute or proj is None else p)
         ctx.norm, ctx.groups, ctx.ext = n, groups, ext
@@ -369,8 +370,8 @@ class _InputNorm(torch.autograd.Function):
         n.dw = torch.zeros_like(n.w) if ctx.needs_input_grad[2] else None
         n.db = n.w.new_zeros(n.w.shape) if ctx.needs_input_grad[3] else None
         dy = dy.contiguous().view(rows.shape[0], -1)
-        dp = torch.empty_like(dy)
         if proj is not None and p is None and (n.kind != 3 or ctx.groups > 1):  # recomputed a block at a time
+            dp = torch.empty_like(dy)
             lin = Linear(proj, min(rows.shape[0], max(x.shape[1], BLOCK // dy.shape[1])))
             ctx.ext.norm_rows_project_backward(n, dy, rows, proj, lin.packed, dp, ctx.groups, BLOCK)
         else:
@@ -378,6 +379,7 @@ class _InputNorm(torch.autograd.Function):
                 p = rows
             elif p is None:  # recompute the projection
                 p = Linear(proj, rows.shape[0])(rows)
+            dp = torch.empty_like(dy)
             ctx.ext.norm_rows_backward(n, dy, p, dp, ctx.groups)
         if proj is None:
             return _grads(ctx, dp.view_as(x), None, n.dw, n.db)
