@@ -349,11 +349,12 @@ class _InputNorm(torch.autograd.Function):
             n.kind, n.mean, n.rstd = 4, norm.eval_mean.contiguous(), norm.eval_rstd.contiguous()
             n.fw = n.rstd * weight
             n.fb = -n.mean * n.fw if shift is None else shift - n.mean * n.fw
-        if proj is not None and (n.kind != 3 or groups > 1):
+        ctx.blocked = proj is not None and (n.kind != 3 or groups > 1)  # (not a batch norm's statistics of all rows)
+        if ctx.blocked:
             p = None if recompute else x.new_empty(rows.shape[0], features)
             y = x.new_empty(steps, batch, features)
-            lin = Linear(proj, min(rows.shape[0], max(batch, BLOCK // features)))
-            ext.norm_rows_project(n, rows, proj, lin.packed, y.view(-1, features), groups, p, BLOCK)
+            packed = _InputNorm.block_weight(proj, rows.shape[0], batch)
+            ext.norm_rows_project(n, rows, proj, packed, y.view(-1, features), groups, p, BLOCK)
         else:
             p = rows if proj is None else Linear(proj, rows.shape[0])(rows)
             y = x.new_empty(steps, batch, features)
@@ -370,10 +371,10 @@ class _InputNorm(torch.autograd.Function):
         n.dw = torch.zeros_like(n.w) if ctx.needs_input_grad[2] else None
         n.db = n.w.new_zeros(n.w.shape) if ctx.needs_input_grad[3] else None
         dy = dy.contiguous().view(rows.shape[0], -1)
-        if proj is not None and p is None and (n.kind != 3 or ctx.groups > 1):  # recomputed a block at a time
+        if ctx.blocked and p is None:  # the projection recomputed a block at a time
             dp = torch.empty_like(dy)
-            lin = Linear(proj, min(rows.shape[0], max(x.shape[1], BLOCK // dy.shape[1])))
-            ctx.ext.norm_rows_project_backward(n, dy, rows, proj, lin.packed, dp, ctx.groups, BLOCK)
+            packed = _InputNorm.block_weight(proj, rows.shape[0], x.shape[1])
+            ctx.ext.norm_rows_project_backward(n, dy, rows, proj, packed, dp, ctx.groups, BLOCK)
         else:
             if proj is None:
                 p = rows
@@ -386,6 +387,12 @@ class _InputNorm(torch.autograd.Function):
         dx = Linear(proj.t().contiguous(), dp.shape[0])(dp).view_as(x) if ctx.needs_input_grad[0] else None
         dproj = outer(dp, rows) if ctx.needs_input_grad[1] else None
         return _grads(ctx, dx, dproj, n.dw, n.db)
+
+    @staticmethod
+    def block_weight(proj: Tensor, rows: int, batch: int) -> Tensor | None:
+        """``proj`` packed for oneDNN's GEMM over blocks of about `BLOCK` output elements (at least one step of
+        ``batch`` rows; None where oneDNN does not apply)."""
+        return Linear(proj, min(rows, max(batch, BLOCK // proj.shape[0]))).packed
 
 
 @dataclass
