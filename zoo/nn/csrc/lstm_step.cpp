@@ -645,6 +645,14 @@ int64_t rows_per_group(const Tensor& x, int64_t groups) {
   return x.size(0) / groups;
 }
 
+// Calls f(row, rows, t) for the groups of statistics among the rows [r0, r0 + nr): once, with t = 0, when all rows are
+// one group (LayerNorm, RMSNorm, statistics shared by all rows), else once per group t (time step t) of `per` rows.
+template <typename Fn>
+void each_group(int64_t r0, int64_t nr, int64_t per, int64_t groups, const Fn& f) {
+  if (groups == 1) return f(r0, nr, int64_t(0));
+  for (int64_t g = r0 / per; g < (r0 + nr) / per; ++g) f(g * per, per, g);
+}
+
 // y = N(x) for x (R, F) split into `groups` equal groups of consecutive rows: a training batch norm takes the
 // statistics of each group (group g is time step g: its row of the saved statistics and of the running statistics);
 // LayerNorm and RMSNorm (groups = 1) normalize each row. The input term W_x x of all steps at once.
@@ -653,8 +661,9 @@ void norm_rows_forward(Norm& n, const Tensor& x, const Tensor& y, int64_t groups
   const int64_t per = rows_per_group(x, groups), F = x.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_rows_forward", [&] {
     using T = scalar_t;
-    for (int64_t g = 0; g < groups; ++g)
-      norm_forward<T>(n, x.data_ptr<T>() + g * per * F, y.data_ptr<T>() + g * per * F, per, F, g, g * per);
+    each_group(0, x.size(0), per, groups, [&](int64_t row, int64_t rows, int64_t t) {
+      norm_forward<T>(n, x.data_ptr<T>() + row * F, y.data_ptr<T>() + row * F, rows, F, t, row);
+    });
   });
 }
 
@@ -690,12 +699,9 @@ void norm_rows_project(Norm& n, const Tensor& x, const Tensor& weight, OptT pack
     if (kept) keep->narrow(0, r0, nr).copy_(p);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "norm_rows_project", [&] {
       using T = scalar_t;
-      if (groups == 1) {
-        norm_forward<T>(n, p.data_ptr<T>(), y.data_ptr<T>() + r0 * F, nr, F, 0, r0);
-        return;
-      }
-      for (int64_t g = r0 / per; g < (r0 + nr) / per; ++g)
-        norm_forward<T>(n, p.data_ptr<T>() + (g * per - r0) * F, y.data_ptr<T>() + g * per * F, per, F, g, g * per);
+      each_group(r0, nr, per, groups, [&](int64_t row, int64_t rows, int64_t t) {
+        norm_forward<T>(n, p.data_ptr<T>() + (row - r0) * F, y.data_ptr<T>() + row * F, rows, F, t, row);
+      });
     });
   });
 }
@@ -711,15 +717,10 @@ void norm_rows_project_backward(Norm& n, const Tensor& dy, const Tensor& x, cons
   project_blocks(n, x, weight, packed, F, per, groups, block, [&](int64_t r0, int64_t nr, const Tensor& p) {
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "norm_rows_project_backward", [&] {
       using T = scalar_t;
-      const T* dyp = dy.data_ptr<T>();
-      T* dpp = dp.data_ptr<T>();
-      if (groups == 1) {
-        norm_backward<T>(n, dyp + r0 * F, p.data_ptr<T>(), dpp + r0 * F, nr, F, 0, r0);
-        return;
-      }
-      for (int64_t g = r0 / per; g < (r0 + nr) / per; ++g)
-        norm_backward<T>(n, dyp + g * per * F, p.data_ptr<T>() + (g * per - r0) * F, dpp + g * per * F, per, F, g,
-                         g * per);
+      each_group(r0, nr, per, groups, [&](int64_t row, int64_t rows, int64_t t) {
+        norm_backward<T>(n, dy.data_ptr<T>() + row * F, p.data_ptr<T>() + (row - r0) * F, dp.data_ptr<T>() + row * F,
+                         rows, F, t, row);
+      });
     });
   });
 }
@@ -731,9 +732,10 @@ void norm_rows_backward(Norm& n, const Tensor& dy, const Tensor& x, const Tensor
   const int64_t per = rows_per_group(x, groups), F = x.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_rows_backward", [&] {
     using T = scalar_t;
-    for (int64_t g = 0; g < groups; ++g)
-      norm_backward<T>(n, dy.data_ptr<T>() + g * per * F, x.data_ptr<T>() + g * per * F, dx.data_ptr<T>() + g * per * F,
-                       per, F, g, g * per);
+    each_group(0, x.size(0), per, groups, [&](int64_t row, int64_t rows, int64_t t) {
+      norm_backward<T>(n, dy.data_ptr<T>() + row * F, x.data_ptr<T>() + row * F, dx.data_ptr<T>() + row * F, rows, F,
+                       t, row);
+    });
   });
 }
 
