@@ -1,9 +1,10 @@
-"""The compiled LSTM step (`zoo/nn/csrc/lstm_step.cpp`) equals the Python fused loop and the step-by-step engine.
+"""The compiled loops (`zoo/nn/csrc/lstm_step.cpp`) equal the Python fused loop and the step-by-step engine.
 
 A session fixture builds the extension once (about a minute the first time; the cache keeps it); the module is skipped
 only where no C++ compiler exists or ``ZOO_NO_EXT`` is set. Every LSTM-family normalization (batch norm with per-step
-and shared statistics and without the recurrent ones, sequence-wise BN, LayerNorm, RMSNorm), training and evaluation,
-a padded batch, 2 layers, bidirectional: outputs, final states, every gradient and the running statistics.
+and shared statistics and without the recurrent ones, sequence-wise BN, LayerNorm, RMSNorm) and the LayerNorm and
+RMSNorm GRUs, training and evaluation, a padded batch, 2 layers, bidirectional: outputs, final states, every gradient
+and the running statistics.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ CASES = [
     ("seqbn_lstm", {}),
     ("ln_lstm", {}),
     ("rms_lstm", {}),
+    ("ln_gru", {}),
+    ("rms_gru", {}),
 ]
 IDS = [v + "".join(f"-{k}={o}" for k, o in opts.items() if k != "max_steps") for v, opts in CASES]
 
@@ -45,22 +48,28 @@ def extension():
 
 
 class Spy:
-    """Counts the calls of the compiled forward and backward loops."""
+    """Counts the calls of the compiled forward and backward loops (LSTM and GRU)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.forward = self.backward = 0
-        fwd, bwd = fused_module.FusedLSTM._forward_ext, fused_module.FusedLSTM._backward_ext
+        for cls in (fused_module.FusedLSTM, fused_module.FusedGRU):
+            fwd, bwd = cls._forward_ext, cls._backward_ext
 
-        def forward(*args):
-            self.forward += 1
-            return fwd(*args)
+            def forward(*args, fwd=fwd):
+                self.forward += 1
+                return fwd(*args)
 
-        def backward(*args):
-            self.backward += 1
-            return bwd(*args)
+            def backward(*args, bwd=bwd):
+                self.backward += 1
+                return bwd(*args)
 
-        monkeypatch.setattr(fused_module.FusedLSTM, "_forward_ext", staticmethod(forward))
-        monkeypatch.setattr(fused_module.FusedLSTM, "_backward_ext", staticmethod(backward))
+            monkeypatch.setattr(cls, "_forward_ext", staticmethod(forward))
+            monkeypatch.setattr(cls, "_backward_ext", staticmethod(backward))
+
+
+def states(variant: str) -> int:
+    """The tensors of a variant's recurrent state: (h, c), or h for a GRU."""
+    return 1 if variant.endswith("gru") else 2
 
 
 def run(rnn, x, state, proj, lengths, monkeypatch, ext: bool):
@@ -70,7 +79,8 @@ def run(rnn, x, state, proj, lengths, monkeypatch, ext: bool):
             m.setenv("ZOO_NO_EXT", "1")
         xr = x.clone().requires_grad_()
         sr = [s.clone().requires_grad_() for s in state]
-        out, final = rnn(xr, tuple(sr), lengths=lengths)
+        out, final = rnn(xr, tuple(sr) if len(sr) > 1 else sr[0], lengths=lengths)
+        final = final if isinstance(final, tuple) else (final,)
         loss = (out * proj).sum() + sum((f * (k + 1)).sum() for k, f in enumerate(final))
         grads = torch.autograd.grad(loss, [xr, *sr, *rnn.parameters()])
     return out, final, grads, [b.clone() for b in rnn.buffers()]
@@ -93,7 +103,7 @@ def test_extension_equals_python_and_steps(variant, options, training, lengths, 
     models = [copy.deepcopy(base) for _ in range(3)]  # compiled step, Python fused loop, step-by-step engine
     models[2].fused = False
     x = torch.randn(T, B, IN, dtype=dtype)
-    state = [torch.randn(4, B, H, dtype=dtype) for _ in range(2)]
+    state = [torch.randn(4, B, H, dtype=dtype) for _ in range(states(variant))]
     proj = torch.randn(T, B, 2 * H, dtype=dtype)
     spy = Spy(monkeypatch)
     results = []
@@ -102,7 +112,8 @@ def test_extension_equals_python_and_steps(variant, options, training, lengths, 
         results.append(run(rnn, x, state, proj, LENGTHS if lengths else None, monkeypatch, ext=k == 0))
     calls = 0 if models[0].cells[0].native else 4  # 2 layers x 2 directions (seqbn_lstm evaluates on the vendor kernel)
     assert spy.forward == spy.backward == calls
-    names = ["output", "h_n", "c_n"] + ["input", "h0", "c0"] + [n for n, _ in base.named_parameters()]
+    names = ["output", "h_n", "c_n"][: 1 + len(state)] + ["input", "h0", "c0"][: 1 + len(state)]
+    names += [n for n, _ in base.named_parameters()]
     names += [n for n, _ in base.named_buffers()]
     flat = [[*r[0:1], *r[1], *r[2], *r[3]] for r in results]
     for other in flat[1:]:
@@ -122,7 +133,8 @@ def test_extension_inference_equals_steps(variant, options, training, monkeypatc
     steps = copy.deepcopy(base)
     steps.fused = False
     x = torch.randn(T, B, IN, dtype=torch.float64)
-    state = tuple(torch.randn(4, B, H, dtype=torch.float64) for _ in range(2))
+    state = tuple(torch.randn(4, B, H, dtype=torch.float64) for _ in range(states(variant)))
+    state = state if len(state) > 1 else state[0]
     spy = Spy(monkeypatch)
     results = []
     for rnn in (base, steps):
@@ -144,12 +156,12 @@ def test_extension_gradcheck(variant, options, training, monkeypatch) -> None:
         rnn.train()(torch.randn(3, 3, 2, dtype=torch.float64), lengths=lengths)
     rnn.train(training)
     x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
-    state = [torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    state = [torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(states(variant))]
     spy = Spy(monkeypatch)
 
-    def f(x, h0, c0):
-        out, (h, c) = rnn(x, (h0, c0), lengths=lengths)
-        return out, h, c
+    def f(x, *state):
+        out, final = rnn(x, state if len(state) > 1 else state[0], lengths=lengths)
+        return out, *(final if len(state) > 1 else (final,))
 
     assert torch.autograd.gradcheck(f, (x, *state))
     if rnn.cells[0].native:  # seqbn_lstm in evaluation: the vendor kernel
