@@ -13,6 +13,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <omp.h>
 
 #include <cmath>
 #include <initializer_list>
@@ -443,6 +444,157 @@ void check(const Tensor& t, const Tensor& like, const char* name) {
               name, " must be a contiguous CPU tensor of the input's dtype");
 }
 
+// Rows [r0, r1) of member k of a team of nth threads sharing n rows (or features) as evenly as possible.
+inline std::pair<int64_t, int64_t> share(int64_t n, int64_t nth, int64_t k) {
+  const int64_t q = n / nth, rem = n % nth, r0 = k * q + std::min(k, rem);
+  return {r0, r0 + q + (k < rem ? 1 : 0)};
+}
+
+// The threads of one step's parallel region: enough rows of F features each (row_grain), at most ATen's threads.
+inline int64_t team_size(int64_t bs, int64_t F) {
+  const int64_t grain = row_grain(F);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (bs + grain - 1) / grain));
+}
+
+// One norm of a step run by a team of threads inside one parallel region, each thread owning a block of rows. A
+// training batch norm's statistics are each thread's partial statistics of its rows, combined at a barrier (mean and
+// squared deviations by Chan et al.'s pairwise formula; the backward's two sums added), one slice of the features
+// per thread; any other norm is row-local. forward and backward are called by every member of the team.
+template <typename T>
+struct TeamNorm {
+  Norm& n;
+  bool bn;
+  int64_t F, bs, nth;
+  RowNorm<T> row;                // a row-local norm
+  Buffer<T> ones, ones_w, zeros;
+  const T* fw = nullptr;         // batch norm: forward gain and shift, backward gain
+  const T* fb = nullptr;
+  const T* w = nullptr;
+  T* mean = nullptr;             // the step's saved statistics (F,)
+  T* rstd = nullptr;
+  T* rm = nullptr;               // the running statistics' row, or null (no update)
+  T* rv = nullptr;
+  T mom = 0, eps = 0;
+  Buffer<T> part, sums;          // nth × 2F partial statistics; the backward's combined sums (2F)
+  Buffer<T> count;               // the rows of each member
+
+  TeamNorm(Norm& n, int64_t t, int64_t save_off, int64_t F, int64_t bs, int64_t nth)
+      : n(n), bn(n.kind == BN_TRAIN), F(F), bs(bs), nth(nth) {
+    if (!bn) {
+      row = row_norm<T>(n, t, save_off, F, ones);
+      return;
+    }
+    fw = or_fill(feature_row<T>(n.fw, t, F), ones, F, T(1));
+    fb = or_fill(feature_row<T>(n.fb, t, F), zeros, F, T(0));
+    w = or_fill(ptr_or_null<T>(n.w), ones_w, F, T(1));
+    mean = n.mean->data_ptr<T>() + t * F;
+    rstd = n.rstd->data_ptr<T>() + t * F;
+    const int64_t slot = n.per_step ? t : 0;
+    if (bs >= 2 && n.rm.has_value() && slot < n.rm->size(0)) {
+      rm = n.rm->data_ptr<T>() + slot * F;
+      rv = n.rv->data_ptr<T>() + slot * F;
+    }
+    mom = static_cast<T>(n.momentum);
+    eps = static_cast<T>(n.eps);
+    part.assign(nth * 2 * F, T(0));
+    sums.assign(2 * F, T(0));
+    for (int64_t q = 0; q < nth; ++q) count.push_back(share(bs, nth, q).second - share(bs, nth, q).first);
+  }
+
+  // y = N(x) for the rows [r0, r1) of member k (x, y: the step's first row).
+  void forward(const T* x, T* y, int64_t k, int64_t r0, int64_t r1) {
+    if (!bn) {
+      for (int64_t r = r0; r < r1; ++r) row_forward<T>(row, x + r * F, y + r * F, F, r);
+      return;
+    }
+    T* __restrict pm = part.data() + k * 2 * F;
+    T* __restrict pv = pm + F;
+    std::fill(pm, pm + 2 * F, T(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict xr = x + r * F;
+      for (int64_t j = 0; j < F; ++j) pm[j] += xr[j];
+    }
+    if (r1 > r0)
+      for (int64_t j = 0; j < F; ++j) pm[j] /= (r1 - r0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict xr = x + r * F;
+      for (int64_t j = 0; j < F; ++j) {
+        const T d = xr[j] - pm[j];
+        pv[j] += d * d;
+      }
+    }
+#pragma omp barrier
+    const auto [j0, j1] = share(F, nth, k);
+    for (int64_t j = j0; j < j1; ++j) {
+      T mu = 0, m2 = 0;
+      for (int64_t q = 0; q < nth; ++q) mu += count[q] * part[q * 2 * F + j];
+      mu /= bs;
+      for (int64_t q = 0; q < nth; ++q) {
+        const T d = part[q * 2 * F + j] - mu;
+        m2 += part[q * 2 * F + F + j] + count[q] * d * d;
+      }
+      if (rm) {
+        rm[j] = (T(1) - mom) * rm[j] + mom * mu;
+        rv[j] = (T(1) - mom) * rv[j] + mom * m2 / (bs - 1);
+      }
+      mean[j] = mu;
+      rstd[j] = T(1) / std::sqrt(m2 / bs + eps);
+    }
+#pragma omp barrier
+    const T* __restrict mu = mean;
+    const T* __restrict rs = rstd;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict xr = x + r * F;
+      T* __restrict yr = y + r * F;
+      for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu[j]) * rs[j] * fw[j] + fb[j];
+    }
+  }
+
+  // dx = the gradient of x given that of the unscaled output dy (dx may be dy), rows [r0, r1) of member k; the gain
+  // and shift gradients: a row-local norm's into the member's partial sums pw, pb, a batch norm's into n.dw, n.db.
+  void backward(const T* dy, const T* x, T* dx, int64_t k, int64_t r0, int64_t r1, T* pw, T* pb) {
+    if (!bn) {
+      for (int64_t r = r0; r < r1; ++r) row_backward<T>(row, dy + r * F, x + r * F, dx + r * F, F, r, pw, pb);
+      return;
+    }
+    T* __restrict pa = part.data() + k * 2 * F;
+    T* __restrict pc = pa + F;
+    std::fill(pa, pa + 2 * F, T(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict dyr = dy + r * F;
+      const T* __restrict xr = x + r * F;
+      for (int64_t j = 0; j < F; ++j) {
+        pa[j] += dyr[j];
+        pc[j] += dyr[j] * (xr[j] - mean[j]) * rstd[j];
+      }
+    }
+#pragma omp barrier
+    const auto [j0, j1] = share(F, nth, k);
+    T* dw = mptr_or_null<T>(n.dw);
+    T* db = mptr_or_null<T>(n.db);
+    for (int64_t j = j0; j < j1; ++j) {
+      T a = 0, b = 0;
+      for (int64_t q = 0; q < nth; ++q) a += part[q * 2 * F + j], b += part[q * 2 * F + F + j];
+      sums[j] = a;
+      sums[F + j] = b;
+      if (dw) dw[j] += b;
+      if (db) db[j] += a;
+    }
+#pragma omp barrier
+    const T* __restrict a = sums.data();
+    const T* __restrict b = sums.data() + F;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* dyr = dy + r * F;
+      const T* __restrict xr = x + r * F;
+      T* dxr = dx + r * F;
+      for (int64_t j = 0; j < F; ++j) {
+        const T xh = (xr[j] - mean[j]) * rstd[j];
+        dxr[j] = (dyr[j] - a[j] / bs - xh * b[j] / bs) * (w[j] * rstd[j]);
+      }
+    }
+  }
+};
+
 // The forward step t: rows [off, off + bs) of u, c, h; s, sc, z_save and the LN/RMS statistics at save_off (the same
 // rows in training; a scratch of the first rows in inference); c_{t-1} from c0 (prev_off < 0) or c at prev_off.
 // With row-local norms a row goes through all of it in one pass (one parallel region); a training batch norm, whose
@@ -500,15 +652,19 @@ void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Te
       });
       return;
     }
-    if (zs) std::copy(zp, zp + bs * G, zs);
-    norm_forward<T>(nh, zp, sp, bs, G, t, save_off);
-    at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
+    // A training batch norm: one parallel region, its statistics combined across the team at barriers.
+    const int64_t nth = team_size(bs, G);
+    TeamNorm<T> th(nh, t, save_off, G, bs, nth), tc(nc, t, save_off, H, bs, nth);
+    _Pragma("omp parallel num_threads(nth) if (nth > 1)")
+    {
+      const int64_t k = omp_get_thread_num();
+      const auto [r0, r1] = share(bs, nth, k);
+      if (zs) std::copy(zp + r0 * G, zp + r1 * G, zs + r0 * G);
+      th.forward(zp, sp, k, r0, r1);  // N_h(z)·scale into s
       for (int64_t r = r0; r < r1; ++r) gates(r);
-    });
-    norm_forward<T>(nc, cp, scp, bs, H, t, save_off);
-    at::parallel_for(0, bs, row_grain(H), [&](int64_t r0, int64_t r1) {
+      tc.forward(cp, scp, k, r0, r1);  // 2 N_c(c) into sc
       for (int64_t r = r0; r < r1; ++r) output(r);
-    });
+    }
   });
 }
 
@@ -588,14 +744,21 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
       pc.finish();
       return;
     }
-    at::parallel_for(0, bs, row_grain(H), [&](int64_t r0, int64_t r1) {
+    // A training batch norm: one parallel region, as in forward_step.
+    const int64_t nth = team_size(bs, G);
+    TeamNorm<T> th(nh, t, off, G, bs, nth), tc(nc, t, off, H, bs, nth);
+    Partials<T> ph(nh, G), pc(nc, H);  // (the row-local norm's gain gradients)
+    _Pragma("omp parallel num_threads(nth) if (nth > 1)")
+    {
+      const int64_t k = omp_get_thread_num();
+      const auto [r0, r1] = share(bs, nth, k);
       for (int64_t r = r0; r < r1; ++r) head(r);
-    });
-    norm_backward<T>(nc, wk, cp, wk, bs, H, t, off);  // the gradient of c_t through N_c, in place
-    at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
+      tc.backward(wk, cp, wk, k, r0, r1, pc.pw(k), pc.pb(k));  // the gradient of c_t through N_c, in place
       for (int64_t r = r0; r < r1; ++r) gates(r);
-    });
-    if (dz) norm_backward<T>(nh, dup, zp, dzp, bs, G, t, off);
+      if (dz) th.backward(dup, zp, dzp, k, r0, r1, ph.pw(k), ph.pb(k));
+    }
+    if (!th.bn) ph.finish();
+    if (!tc.bn) pc.finish();
   });
 }
 
@@ -780,12 +943,29 @@ int64_t rows_per_group(const Tensor& x, int64_t groups) {
   return x.size(0) / groups;
 }
 
-// Calls f(row, rows, t) for the groups of statistics among the rows [r0, r0 + nr): once, with t = 0, when all rows are
-// one group (LayerNorm, RMSNorm, statistics shared by all rows), else once per group t (time step t) of `per` rows.
+// Calls f(norm, row, rows, t) for the groups of statistics among the rows [r0, r0 + nr): once, with t = 0, when all
+// rows are one group (LayerNorm, RMSNorm, statistics shared by all rows; f's own kernels run in parallel), else once
+// per group t (time step t) of `per` rows, the groups in parallel (each f serial). The gain and shift gradients of
+// parallel groups go to a copy of n per thread whose dw, db are the thread's partial sums, added to n's in a fixed
+// order at the end.
 template <typename Fn>
-void each_group(int64_t r0, int64_t nr, int64_t per, int64_t groups, const Fn& f) {
-  if (groups == 1) return f(r0, nr, int64_t(0));
-  for (int64_t g = r0 / per; g < (r0 + nr) / per; ++g) f(g * per, per, g);
+void each_group(Norm& n, int64_t r0, int64_t nr, int64_t per, int64_t groups, const Fn& f) {
+  if (groups == 1) return f(n, r0, nr, int64_t(0));
+  const int64_t g0 = r0 / per, g1 = (r0 + nr) / per;
+  const bool grads = (n.dw.has_value() && n.dw->defined()) || (n.db.has_value() && n.db->defined());
+  std::vector<Norm> local(grads ? at::get_num_threads() : 0, n);
+  for (Norm& m : local) {
+    if (m.dw.has_value() && m.dw->defined()) m.dw = at::zeros_like(*n.dw);
+    if (m.db.has_value() && m.db->defined()) m.db = at::zeros_like(*n.db);
+  }
+  at::parallel_for(g0, g1, 1, [&](int64_t a, int64_t b) {
+    Norm& m = grads ? local.at(at::get_thread_num()) : n;
+    for (int64_t g = a; g < b; ++g) f(m, g * per, per, g);
+  });
+  for (Norm& m : local) {
+    if (m.dw.has_value() && m.dw->defined()) n.dw->add_(*m.dw);
+    if (m.db.has_value() && m.db->defined()) n.db->add_(*m.db);
+  }
 }
 
 // y = N(x) for x (R, F) split into `groups` equal groups of consecutive rows: a training batch norm takes the
@@ -796,8 +976,8 @@ void norm_rows_forward(Norm& n, const Tensor& x, const Tensor& y, int64_t groups
   const int64_t per = rows_per_group(x, groups), F = x.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_rows_forward", [&] {
     using T = scalar_t;
-    each_group(0, x.size(0), per, groups, [&](int64_t row, int64_t rows, int64_t t) {
-      norm_forward<T>(n, x.data_ptr<T>() + row * F, y.data_ptr<T>() + row * F, rows, F, t, row);
+    each_group(n, 0, x.size(0), per, groups, [&](Norm& m, int64_t row, int64_t rows, int64_t t) {
+      norm_forward<T>(m, x.data_ptr<T>() + row * F, y.data_ptr<T>() + row * F, rows, F, t, row);
     });
   });
 }
@@ -834,8 +1014,8 @@ void norm_rows_project(Norm& n, const Tensor& x, const Tensor& weight, OptT pack
     if (kept) keep->narrow(0, r0, nr).copy_(p);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "norm_rows_project", [&] {
       using T = scalar_t;
-      each_group(r0, nr, per, groups, [&](int64_t row, int64_t rows, int64_t t) {
-        norm_forward<T>(n, p.data_ptr<T>() + (row - r0) * F, y.data_ptr<T>() + row * F, rows, F, t, row);
+      each_group(n, r0, nr, per, groups, [&](Norm& m, int64_t row, int64_t rows, int64_t t) {
+        norm_forward<T>(m, p.data_ptr<T>() + (row - r0) * F, y.data_ptr<T>() + row * F, rows, F, t, row);
       });
     });
   });
@@ -852,8 +1032,8 @@ void norm_rows_project_backward(Norm& n, const Tensor& dy, const Tensor& x, cons
   project_blocks(n, x, weight, packed, F, per, groups, block, [&](int64_t r0, int64_t nr, const Tensor& p) {
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "norm_rows_project_backward", [&] {
       using T = scalar_t;
-      each_group(r0, nr, per, groups, [&](int64_t row, int64_t rows, int64_t t) {
-        norm_backward<T>(n, dy.data_ptr<T>() + row * F, p.data_ptr<T>() + (row - r0) * F, dp.data_ptr<T>() + row * F,
+      each_group(n, r0, nr, per, groups, [&](Norm& m, int64_t row, int64_t rows, int64_t t) {
+        norm_backward<T>(m, dy.data_ptr<T>() + row * F, p.data_ptr<T>() + (row - r0) * F, dp.data_ptr<T>() + row * F,
                          rows, F, t, row);
       });
     });
@@ -867,8 +1047,8 @@ void norm_rows_backward(Norm& n, const Tensor& dy, const Tensor& x, const Tensor
   const int64_t per = rows_per_group(x, groups), F = x.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_rows_backward", [&] {
     using T = scalar_t;
-    each_group(0, x.size(0), per, groups, [&](int64_t row, int64_t rows, int64_t t) {
-      norm_backward<T>(n, dy.data_ptr<T>() + row * F, x.data_ptr<T>() + row * F, dx.data_ptr<T>() + row * F, rows, F,
+    each_group(n, 0, x.size(0), per, groups, [&](Norm& m, int64_t row, int64_t rows, int64_t t) {
+      norm_backward<T>(m, dy.data_ptr<T>() + row * F, x.data_ptr<T>() + row * F, dx.data_ptr<T>() + row * F, rows, F,
                        t, row);
     });
   });
