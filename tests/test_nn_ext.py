@@ -326,3 +326,25 @@ def test_extension_is_bitwise_reproducible(variant, options) -> None:
         grads.append([p.grad.clone() for p in rnn.parameters()])
     for other in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("rows", "depth", "features"),
+    [(1, 1, 1), (5, 3, 20), (6, 16, 16), (7, 33, 17), (13, 257, 40), (32, 600, 64), (100, 100, 400)],
+)
+def test_recurrent_gemm_kernel_equals_mm(extension, rows: int, depth: int, features: int) -> None:
+    """The recurrent GEMM's float32 kernel (panels of 16 features, rows six at a time, the depth in passes of 256)
+    equals torch.mm: every remainder of rows and features, one and several passes; float64 goes to torch.mm."""
+    x = torch.randn(rows, depth)
+    w = torch.randn(features, depth)
+    reference = (x.double() @ w.double().t()).float()
+    panels = extension.pack_panels(w)
+    assert panels.shape == ((features + 15) // 16, depth, 16)
+    torch.testing.assert_close(extension.panels_mm(x, w, panels), reference, rtol=1e-5, atol=1e-5 * depth**0.5)
+    torch.testing.assert_close(
+        extension.panels_mm(x, w.t().contiguous().t(), extension.pack_panels(w.t().contiguous().t())),
+        reference,
+        rtol=1e-5,
+        atol=1e-5 * depth**0.5,
+    )
+    torch.testing.assert_close(extension.panels_mm(x.double(), w.double(), None), x.double() @ w.double().t())

@@ -61,6 +61,16 @@ class Linear:
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, None, "add")
 
 
+class Panels:
+    """A recurrent weight as the compiled loops take it: ``weight``, and for float32 its panels for the extension's
+    GEMM kernel (``pack_panels``: blocks of 16 output features, packed once per sequence) in ``packed``; float64
+    goes through `torch.mm`."""
+
+    def __init__(self, ext, weight: Tensor) -> None:
+        self.weight = weight
+        self.packed = ext.pack_panels(weight) if weight.dtype == torch.float32 else None
+
+
 def _onednn(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
@@ -532,13 +542,14 @@ class FusedLSTM(torch.autograd.Function):
         norm_h.start(steps, u)
         norm_c.start(steps, u)
         gscale = candidate_scale(hidden, u)  # doubles the candidate block: one sigmoid gives tanh(g) = 2σ(2g) − 1
-        lin = Linear(w_hh * gscale.unsqueeze(1) if norm_h.kind == "none" else w_hh, layout.batch_sizes[0])
+        weight = w_hh * gscale.unsqueeze(1) if norm_h.kind == "none" else w_hh
+        ext = _extension(u, h0, c0, w_hh, norm_h, norm_c)
+        lin = Linear(weight, layout.batch_sizes[0]) if ext is None else Panels(ext, weight)
         train = any(ctx.needs_input_grad)  # else inference: keep only what the next step reads
         h, c = u.new_empty(n, hidden), u.new_empty(n, hidden)
         s = torch.empty_like(u) if train else None  # σ of the pre-activations (the candidate block: σ(2g))
         sc = u.new_empty(n, hidden) if train else None  # σ(2 N_c(c_t)), so that tanh(N_c(c_t)) = 2 sc − 1
         z = torch.empty_like(u) if train and norm_h.kind != "none" else None  # W_h h_{t-1}, for backward
-        ext = _extension(u, h0, c0, w_hh, norm_h, norm_c)
         loop = FusedLSTM._forward_ext if ext is not None else FusedLSTM._forward_python
         loop(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z)
         last = layout.last_rows(u.device)
@@ -588,7 +599,7 @@ class FusedLSTM(torch.autograd.Function):
         dc_carry = torch.empty_like(c0, memory_format=torch.contiguous_format).copy_(dcn) if dcn is not None else None
         dh_carry = torch.zeros_like(h0, memory_format=torch.contiguous_format) if dh_carry is None else dh_carry
         dc_carry = torch.zeros_like(c0, memory_format=torch.contiguous_format) if dc_carry is None else dc_carry
-        lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
+        lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0]) if ctx.ext is None else Panels(ctx.ext, w_hh.t())
         norm_h.zero_grads()
         norm_c.zero_grads()
         du = torch.empty_like(s)  # gradient of the gate pre-activations, which is that of u
@@ -672,10 +683,10 @@ class FusedGRU(torch.autograd.Function):
         steps, first = len(layout.batch_sizes), layout.batch_sizes[0]
         norm_rz.start(steps, u)
         norm_n.start(steps, u)
-        lin = Linear(w_hh, first)
         train = any(ctx.needs_input_grad)  # else inference: keep only what the next step reads
         row_local = "bn" not in (norm_rz.kind, norm_n.kind)
         ext = _extension(u, h0, w_hh, norm_rz, norm_n) if row_local else None
+        lin = Linear(w_hh, first) if ext is None else Panels(ext, w_hh)
         keep = train or ext is None  # (the Python loop keeps every step's rows)
         rz = u.new_empty(n_rows if keep else first, 2 * hidden)  # σ(r), σ(z)
         nn_ = u.new_empty(n_rows if keep else first, hidden)  # the candidate n
@@ -727,7 +738,7 @@ class FusedGRU(torch.autograd.Function):
         dh_carry = torch.zeros_like(h0, memory_format=torch.contiguous_format)
         if dhn is not None:
             dh_carry.copy_(dhn)
-        lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
+        lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0]) if ctx.ext is None else Panels(ctx.ext, w_hh.t())
         du = rz.new_empty(rz.shape[0], 3 * h0.shape[1])
         norm_rz.zero_grads()
         norm_n.zero_grads()

@@ -13,6 +13,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <immintrin.h>
 #include <omp.h>
 
 #include <cmath>
@@ -762,7 +763,139 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
   });
 }
 
-// The recurrent GEMM x @ W.T: oneDNN's linear with the weight prepacked by torch.ops.mkldnn._reorder_linear_weight
+// ---- The recurrent GEMM C = A · W.T for float32: a register-blocked AVX2 kernel over W packed once per sequence.
+// oneDNN's linear (through the dispatcher) costs ~25 µs per call on top of its arithmetic, and at the recurrence's
+// shapes (rows = the batch, 32 to 100) runs at 100–145 GFLOP/s on the 2-core AMD EPYC measured here; this kernel,
+// called directly, runs at 135–170 (benchmarks/speed.py's shapes, forward and backward).
+// Packing: panels of 16 output features, panel p = W[16p : 16p + 16, :] transposed, (K, 16), zeros past N.
+constexpr int64_t kPanel = 16, kDepth = 256;  // output features per panel; the depth (K) of one pass through A
+
+// W (N, K), any strides, float32 -> its panels (ceil(N / 16), K, 16).
+Tensor pack_panels(const Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(), "pack_panels: a 2-d float32 CPU "
+              "weight, not ", w.sizes(), " ", w.scalar_type());
+  const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel, s0 = w.stride(0), s1 = w.stride(1);
+  Tensor out = at::zeros({P, K, kPanel}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = std::min(kPanel, N - p * kPanel);
+      float* d = dst + p * K * kPanel;
+      const float* sp = src + p * kPanel * s0;
+      if (s1 == 1) {  // (out, in) rows: read each row once
+        for (int64_t c = 0; c < cols; ++c)
+          for (int64_t k = 0; k < K; ++k) d[k * kPanel + c] = sp[c * s0 + k];
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < cols; ++c) d[k * kPanel + c] = sp[c * s0 + k * s1];
+      }
+    }
+  });
+  return out;
+}
+
+// C[0:MR, 0:cols] (+)= Ap · B: Ap (kc, MR) interleaved rows of A, B (kc, 16) one panel's rows; 2·MR accumulators.
+template <int MR>
+inline void panel_kernel(const float* __restrict ap, const float* __restrict b, int64_t kc, float* __restrict c,
+                         int64_t ldc, int64_t cols, bool add) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b + k * kPanel), b1 = _mm256_load_ps(b + k * kPanel + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(ap + k * MR + i);
+      acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+    }
+  }
+  if (cols == kPanel) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      if (add) {
+        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(c + i * ldc));
+        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(c + i * ldc + 8));
+      }
+      _mm256_storeu_ps(c + i * ldc, acc[i][0]);
+      _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
+    }
+    return;
+  }
+  alignas(32) float tmp[kPanel];  // the last panel's valid columns
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    _mm256_store_ps(tmp, acc[i][0]);
+    _mm256_store_ps(tmp + 8, acc[i][1]);
+    for (int64_t j = 0; j < cols; ++j) c[i * ldc + j] = add ? c[i * ldc + j] + tmp[j] : tmp[j];
+  }
+}
+
+// MR rows of C over the panels [p0, p1) and the depth [k0, k0 + kc): the rows of A interleaved into ap first.
+template <int MR>
+void panel_rows(const float* a, int64_t K, int64_t k0, int64_t kc, const float* panels, int64_t N, float* c,
+                int64_t p0, int64_t p1, float* ap, bool add) {
+  for (int64_t k = 0; k < kc; ++k)
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) ap[k * MR + i] = a[i * K + k0 + k];
+  for (int64_t p = p0; p < p1; ++p)
+    panel_kernel<MR>(ap, panels + (p * K + k0) * kPanel, kc, c + p * kPanel, N, std::min(kPanel, N - p * kPanel),
+                     add || k0 > 0);
+}
+
+// C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows, W packed by pack_panels. The threads share
+// the panels (each keeps its part of W in its own cache from step to step); each walks A six rows at a time.
+void panels_gemm(const float* a, int64_t M, int64_t K, const float* panels, int64_t N, float* c, bool add) {
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
+#pragma omp parallel num_threads(nth) if (nth > 1)
+  {
+    const auto [p0, p1] = share(P, nth, omp_get_thread_num());
+    alignas(64) float ap[kDepth * 6];
+    for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+      const int64_t kc = std::min(kDepth, K - k0);
+      int64_t i = 0;
+      for (; i + 6 <= M; i += 6) panel_rows<6>(a + i * K, K, k0, kc, panels, N, c + i * N, p0, p1, ap, add);
+      const float* ai = a + i * K;
+      float* ci = c + i * N;
+      switch (M - i) {
+        case 5: panel_rows<5>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
+        case 4: panel_rows<4>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
+        case 3: panel_rows<3>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
+        case 2: panel_rows<2>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
+        case 1: panel_rows<1>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// out = x @ W.T (+ out where `add`) for the recurrence: the panel kernel where W's panels are given (float32), else
+// at::mm. x and out: contiguous rows.
+void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, const Tensor& out, bool add) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.size(0) == out.size(0) && x.size(1) == weight.size(1) &&
+                  out.size(1) == weight.size(0),
+              "lstm_step: recurrent GEMM of ", x.sizes(), " by ", weight.sizes(), " into ", out.sizes());
+  if (panels.has_value() && panels->defined()) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && panels->size(1) == x.size(1), "lstm_step: panels for float32 only");
+    panels_gemm(x.data_ptr<float>(), x.size(0), x.size(1), panels->data_ptr<float>(), out.size(1),
+                out.data_ptr<float>(), add);
+  } else if (add) {
+    out.add_(at::mm(x, weight.t()));
+  } else {
+    at::mm_out(const_cast<Tensor&>(out), x, weight.t());
+  }
+}
+
+// out = x @ W.T through the pybind interface (tests and benchmarks of the kernel).
+Tensor panels_mm(const Tensor& x, const Tensor& weight, OptT panels) {
+  Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  recurrent_gemm(x.contiguous(), weight, panels, out, false);
+  return out;
+}
+
+// The input term's GEMM x @ W.T: oneDNN's linear with the weight prepacked by torch.ops.mkldnn._reorder_linear_weight
 // (`packed`), else at::mm with the plain weight (out, in).
 Tensor gemm(const Tensor& x, const Tensor& weight, const OptT& packed) {
   if (packed.has_value() && packed->defined()) {
@@ -781,23 +914,24 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& batch_sizes) {
   return off;
 }
 
-// All forward steps: z_t = W_h h_{t-1} (gemm), then forward_step. `train`: s, sc and the statistics are kept for
-// every row (else s, sc are a scratch of batch_sizes[0] rows).
-void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT packed, const Tensor& h0, const Tensor& u,
+// All forward steps: z_t = W_h h_{t-1} (recurrent_gemm with W_h's panels), then forward_step. `train`: s, sc and the
+// statistics are kept for every row (else s, sc are a scratch of batch_sizes[0] rows).
+void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const Tensor& h0, const Tensor& u,
                   const Tensor& gscale, const Tensor& c0, const Tensor& s, const Tensor& c, const Tensor& sc,
                   const Tensor& h, OptT z_save, const std::vector<int64_t>& batch_sizes, bool train) {
   const auto off = offsets_of(batch_sizes);
   for (size_t t = 0; t < batch_sizes.size(); ++t) {
-    const int64_t bs = batch_sizes[t], prev = t ? off[t - 1] : -1;
-    const Tensor zt = gemm(t ? h.narrow(0, prev, bs) : h0, weight, packed);
-    forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, train ? off[t] : 0);
+    const int64_t bs = batch_sizes[t], prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
+    const Tensor zt = s.narrow(0, so, bs);  // z goes to s's rows, where forward_step normalizes it in place
+    recurrent_gemm(t ? h.narrow(0, prev, bs) : h0, weight, panels, zt, false);
+    forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, so);
   }
 }
 
-// The backward steps t_hi - 1 down to t_lo: backward_step, then dh_{t-1} = dz_t W_h (gemm with W_h.T's packing).
+// The backward steps t_hi - 1 down to t_lo: backward_step, then dh_{t-1} = dz_t W_h (recurrent_gemm, W_h.T's panels).
 // dz_t goes to dz_buf's rows from offset(t) - offset(t_lo) (a chunk for the W_h gradient), or, without dz_buf (N_h
 // none), it is du's rows.
-void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT packed_t, const Tensor& s, const Tensor& sc,
+void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT panels_t, const Tensor& s, const Tensor& sc,
                    const Tensor& c, const Tensor& c0, OptT z, OptT dout, const Tensor& dh_carry,
                    const Tensor& dc_carry, const Tensor& du, OptT dz_buf, const Tensor& work,
                    const std::vector<int64_t>& batch_sizes, int64_t t_lo, int64_t t_hi) {
@@ -808,7 +942,7 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT packed_t, co
     const Tensor dzt = chunk ? dz_buf->narrow(0, off[t] - off[t_lo], bs) : du.narrow(0, off[t], bs);
     backward_step(nh, nc, s, sc, c, c0, z, dout, dh_carry, dc_carry, du, chunk ? OptT(dzt) : OptT(), work, t, off[t],
                   t ? off[t - 1] : -1, bs);
-    dh_carry.narrow(0, 0, bs).copy_(gemm(dzt, weight_t, packed_t));
+    recurrent_gemm(dzt, weight_t, panels_t, dh_carry.narrow(0, 0, bs), false);
   }
 }
 
@@ -816,7 +950,7 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT packed_t, co
 //   r, z = σ(u_rz + N_rz(a_rz));  n = tanh(u_n + r ⊙ N_n(a_n));  h = n + z ⊙ (h_{t-1} − n)
 // tanh(x) = 2σ(2x) − 1. Forward: rz (σ(r), σ(z)) and n at save_off (every row in training, a scratch of the first rows
 // in inference), a saved in a_save (training); the norms' statistics at save_off.
-void gru_forward_loop(Norm& nrz, Norm& nn, const Tensor& weight, OptT packed, const Tensor& h0, const Tensor& u,
+void gru_forward_loop(Norm& nrz, Norm& nn, const Tensor& weight, OptT panels, const Tensor& h0, const Tensor& u,
                       const Tensor& rz, const Tensor& n, const Tensor& h, OptT a_save,
                       const std::vector<int64_t>& batch_sizes, bool train) {
   const int64_t H = h.size(1), G = 3 * H;
@@ -825,15 +959,16 @@ void gru_forward_loop(Norm& nrz, Norm& nn, const Tensor& weight, OptT packed, co
   const bool save = a_save.has_value() && a_save->defined();
   if (save) check(*a_save, u, "a_save");
   const auto off = offsets_of(batch_sizes);
+  const Tensor scratch = save ? Tensor() : at::empty({batch_sizes.empty() ? 0 : batch_sizes[0], G}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "gru_forward_loop", [&] {
     using T = scalar_t;
     for (size_t t = 0; t < batch_sizes.size(); ++t) {
       const int64_t bs = batch_sizes[t], so = train ? off[t] : 0;
       const T* hprev = t ? h.data_ptr<T>() + off[t - 1] * H : h0.data_ptr<T>();
-      const Tensor at = gemm(t ? h.narrow(0, off[t - 1], bs) : h0, weight, packed);
+      const Tensor at = save ? a_save->narrow(0, off[t], bs) : scratch.narrow(0, 0, bs);  // a, kept in training
+      recurrent_gemm(t ? h.narrow(0, off[t - 1], bs) : h0, weight, panels, at, false);
       const T* ap = at.data_ptr<T>();
       const T* up = u.data_ptr<T>() + off[t] * G;
-      T* asp = save ? a_save->data_ptr<T>() + off[t] * G : nullptr;
       T* rzp = rz.data_ptr<T>() + so * 2 * H;
       T* np = n.data_ptr<T>() + so * H;
       T* hp = h.data_ptr<T>() + off[t] * H;
@@ -848,7 +983,6 @@ void gru_forward_loop(Norm& nrz, Norm& nn, const Tensor& weight, OptT packed, co
           T* __restrict nr = np + r * H;
           const T* __restrict hpr = hprev + r * H;
           T* __restrict hr = hp + r * H;
-          if (asp) std::copy(a, a + G, asp + r * G);
           row_forward<T>(rr, a, rzr, 2 * H, r);
           for (int64_t j = 0; j < 2 * H; ++j) rzr[j] = sigm(rzr[j] + ur[j]);
           row_forward<T>(rn, a + 2 * H, nr, H, r);  // N_n(a_n), then n in place
@@ -867,7 +1001,7 @@ void gru_forward_loop(Norm& nrz, Norm& nn, const Tensor& weight, OptT packed, co
 // da_buf's rows from offset(t) − offset(t_lo) (a chunk for the W_h gradient); dh_{t-1} = da_t W_h + dh ⊙ z into
 // dh_carry; the gradient of b_hn (Σ r ⊙ dn) added to dbhn if given, the norms' gain and shift gradients to theirs.
 // work: (batch_sizes[0], H).
-void gru_backward_loop(Norm& nrz, Norm& nn, const Tensor& weight_t, OptT packed_t, const Tensor& h0,
+void gru_backward_loop(Norm& nrz, Norm& nn, const Tensor& weight_t, OptT panels_t, const Tensor& h0,
                        const Tensor& h, const Tensor& rz, const Tensor& n, const Tensor& a, OptT dout,
                        const Tensor& dh_carry, const Tensor& du, const Tensor& da_buf, OptT dbhn,
                        const Tensor& work, const std::vector<int64_t>& batch_sizes, int64_t t_lo, int64_t t_hi) {
@@ -930,7 +1064,7 @@ void gru_backward_loop(Norm& nrz, Norm& nn, const Tensor& weight_t, OptT packed_
       prz.finish();
       pn.finish();
       if (dsum) pbhn.add_to(dbhn->data_ptr<T>());
-      dh_carry.narrow(0, 0, bs).add_(gemm(da_buf.narrow(0, o - off[t_lo], bs), weight_t, packed_t));
+      recurrent_gemm(da_buf.narrow(0, o - off[t_lo], bs), weight_t, panels_t, dh_carry.narrow(0, 0, bs), true);
     }
   });
 }
@@ -1077,6 +1211,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_loop", &backward_loop, "FusedLSTM backward: a range of steps, GEMMs included");
   m.def("gru_forward_loop", &gru_forward_loop, "FusedGRU forward: every step, GEMMs included");
   m.def("gru_backward_loop", &gru_backward_loop, "FusedGRU backward: a range of steps, GEMMs included");
+  m.def("pack_panels", &pack_panels, "a float32 weight (out, in) packed for the recurrent GEMM kernel");
+  m.def("panels_mm", &panels_mm, "x @ weight.T through the recurrent GEMM (the kernel where panels are given)");
   m.def("norm_rows_forward", &norm_rows_forward, "a normalization of all rows (the input term), forward");
   m.def("norm_rows_project", &norm_rows_project, "norm_rows_forward of a projection, a block of rows at a time");
   m.def("norm_rows_project_backward", &norm_rows_project_backward,
