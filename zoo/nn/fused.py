@@ -63,12 +63,12 @@ class Linear:
 
 class Panels:
     """A recurrent weight as the compiled loops take it: ``weight``, and for float32 its panels for the extension's
-    GEMM kernel (``pack_panels``: blocks of 16 output features, packed once per sequence) in ``packed``; float64
-    goes through `torch.mm`."""
+    GEMM kernel (``pack_panels``: blocks of 16 output features, packed once per sequence) in ``packed``; float64, and
+    a CPU without AVX2 (``ext.panel_kernel`` false), go through `torch.mm`."""
 
     def __init__(self, ext, weight: Tensor) -> None:
         self.weight = weight
-        self.packed = ext.pack_panels(weight) if weight.dtype == torch.float32 else None
+        self.packed = ext.pack_panels(weight) if weight.dtype == torch.float32 and ext.panel_kernel else None
 
 
 def _onednn(t: Tensor) -> bool:

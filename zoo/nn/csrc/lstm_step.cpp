@@ -13,7 +13,12 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#define ZOO_PANEL_KERNEL 1
+#else
+#define ZOO_PANEL_KERNEL 0
+#endif
 #include <omp.h>
 
 #include <cmath>
@@ -795,6 +800,7 @@ Tensor pack_panels(const Tensor& w) {
   return out;
 }
 
+#if ZOO_PANEL_KERNEL
 // C[0:MR, 0:cols] (+)= Ap · B: Ap (kc, MR) interleaved rows of A, B (kc, 16) one panel's rows; 2·MR accumulators.
 template <int MR>
 inline void panel_kernel(const float* __restrict ap, const float* __restrict b, int64_t kc, float* __restrict c,
@@ -871,6 +877,8 @@ void panels_gemm(const float* a, int64_t M, int64_t K, const float* panels, int6
   }
 }
 
+#endif  // ZOO_PANEL_KERNEL
+
 // out = x @ W.T (+ out where `add`) for the recurrence: the panel kernel where W's panels are given (float32), else
 // at::mm. x and out: contiguous rows.
 void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, const Tensor& out, bool add) {
@@ -878,9 +886,12 @@ void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, c
                   out.size(1) == weight.size(0),
               "lstm_step: recurrent GEMM of ", x.sizes(), " by ", weight.sizes(), " into ", out.sizes());
   if (panels.has_value() && panels->defined()) {
+    TORCH_CHECK(ZOO_PANEL_KERNEL, "lstm_step: built without the AVX2 panel kernel (see `panel_kernel`)");
     TORCH_CHECK(x.scalar_type() == at::kFloat && panels->size(1) == x.size(1), "lstm_step: panels for float32 only");
+#if ZOO_PANEL_KERNEL
     panels_gemm(x.data_ptr<float>(), x.size(0), x.size(1), panels->data_ptr<float>(), out.size(1),
                 out.data_ptr<float>(), add);
+#endif
   } else if (add) {
     out.add_(at::mm(x, weight.t()));
   } else {
@@ -1211,6 +1222,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_loop", &backward_loop, "FusedLSTM backward: a range of steps, GEMMs included");
   m.def("gru_forward_loop", &gru_forward_loop, "FusedGRU forward: every step, GEMMs included");
   m.def("gru_backward_loop", &gru_backward_loop, "FusedGRU backward: a range of steps, GEMMs included");
+  m.attr("panel_kernel") = py::bool_(ZOO_PANEL_KERNEL);  // the float32 recurrent GEMM kernel (x86-64 with AVX2, FMA)
   m.def("pack_panels", &pack_panels, "a float32 weight (out, in) packed for the recurrent GEMM kernel");
   m.def("panels_mm", &panels_mm, "x @ weight.T through the recurrent GEMM (the kernel where panels are given)");
   m.def("norm_rows_forward", &norm_rows_forward, "a normalization of all rows (the input term), forward");
