@@ -17,6 +17,7 @@ of them equal.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -75,14 +76,26 @@ def _onednn(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def outer(a: Tensor, b: Tensor) -> Tensor:
-    """``a.T @ b`` (a weight gradient: ``(N, F)``, ``(N, H)`` -> ``(F, H)``), through oneDNN's GEMM on CPU.
+@functools.cache
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
-    Computed as ``(b.T @ a).T`` with oneDNN's linear: ``b.T`` (the smaller operand: the hidden or input features) is
-    copied, ``a`` is read in place as the linear's weight. MKL, which `torch.mm` uses on CPU, runs at about half of
-    this speed for these shapes on the AMD processors measured here. The result is a transposed view.
+
+def _outer_onednn(t: Tensor) -> bool:
+    """Whether `outer` goes through oneDNN for ``t``: float32 on a CPU with AVX-512, where MKL (`torch.mm`) runs these
+    shapes at about half of oneDNN's speed (AMD EPYC, Zen 4). On an AVX2 CPU (Zen 3) MKL is the faster one, by
+    1.15–1.7× (`benchmarks/speed.py`'s weight gradients)."""
+    return _onednn(t) and _avx512()
+
+
+def outer(a: Tensor, b: Tensor) -> Tensor:
+    """``a.T @ b`` (a weight gradient: ``(N, F)``, ``(N, H)`` -> ``(F, H)``), through the faster GEMM of this CPU.
+
+    Through oneDNN (`_outer_onednn`) it is computed as ``(b.T @ a).T`` with oneDNN's linear: ``b.T`` (the smaller
+    operand: the hidden or input features) is copied, ``a`` is read in place as the linear's weight, and the result is
+    a transposed view; else it is `torch.mm`'s.
     """
-    if not _onednn(a):
+    if not _outer_onednn(a):
         return a.t().mm(b)
     return torch.ops.mkldnn._linear_pointwise(b.t().contiguous(), a.t(), None, "none", [], "").t()
 
@@ -465,7 +478,8 @@ class OuterSum:
         self.layout, self.h0, self.h = layout, h0, h
         self.cap = min(max(rows, layout.batch_sizes[0]), layout.rows)
         self.buf = h.new_empty(self.cap, features)
-        self.grad = h.new_zeros(h.shape[1], features).t()  # the layout `outer` returns
+        # (the layout `outer` returns)
+        self.grad = h.new_zeros(h.shape[1], features).t() if _outer_onednn(h) else h.new_zeros(features, h.shape[1])
 
     def chunks(self) -> list[range]:
         """The steps in chunks of at most ``cap`` packed rows, in backward order (the latest chunk first)."""
