@@ -6,13 +6,14 @@ with the weight and gain gradients taken as large products after (W_h: in chunks
 processed in `PackedSequence` order (sorted by length, time-major): at step t only the first ``batch_sizes[t]`` rows are
 still running, so a masked batch statistic is a statistic over a prefix, and finished rows cost nothing.
 
-What makes it fast, from measurement on CPU: the recurrent products use oneDNN's GEMM with the weights packed once per
-sequence (about twice as fast as `torch.mm` at these shapes); tanh(x) = 2σ(2x) − 1 lets one sigmoid cover all four LSTM
-gates (the candidate block of the pre-activations is doubled). For the LSTM family the whole loop over steps, GEMMs
-included, runs in the compiled extension (``zoo/nn/csrc/lstm_step.cpp``, built by ``python -m zoo.nn.build``); without
-it, a Python loop calls the vendor kernels `native_layer_norm`, `_fused_rms_norm` and `native_batch_norm` (and their
-backward kernels), one per step and norm. The reference path (`fused=False`) defines the result; the tests hold all
-of them equal.
+What makes it fast, from measurement on CPU: for the LSTM and GRU families the whole loop over steps runs in the
+compiled extension (``zoo/nn/csrc/lstm_step.cpp``, built by ``python -m zoo.nn.build``), its recurrent products through
+the extension's own AVX2 GEMM kernel over W_h packed once per sequence (`Panels`; a call of oneDNN's linear costs more
+than a small step's arithmetic), each step's normalizations, gates and state update in one parallel region; tanh(x) =
+2σ(2x) − 1 lets one sigmoid cover all four LSTM gates (the candidate block of the pre-activations is doubled). Without
+the extension, a Python loop calls oneDNN's GEMM with the weights packed once per sequence and the vendor kernels
+`native_layer_norm`, `_fused_rms_norm` and `native_batch_norm` (and their backward kernels), one per step and norm.
+The reference path (`fused=False`) defines the result; the tests hold all of them equal.
 """
 
 from __future__ import annotations
