@@ -66,7 +66,9 @@ def test_normalize_standardizes_with_the_training_statistics() -> None:
 @pytest.mark.parametrize("variant", ["ln_lstm", "rms_lstm"])
 def test_layer_norm_lstm_gradients_on_raw_and_standardized_pixels(variant: str) -> None:
     """Raw pixels: runs of exact zeros give W_x x = 0 and a zero c_t, zero-variance inputs whose gradient the norm
-    scales by 1/sqrt(eps) at every step (inf, then NaN); standardized pixels keep every gradient finite."""
+    scales by 1/sqrt(eps) at every step: the gradients explode (inf, then NaN, through ATen's kernels; the compiled
+    loop's -ffast-math arithmetic may instead stop at huge finite values, 1e8 to 1e10 on AVX2); standardized pixels
+    keep every gradient finite and moderate."""
     import zoo.nn
 
     grads = {}
@@ -77,8 +79,9 @@ def test_layer_norm_lstm_gradients_on_raw_and_standardized_pixels(variant: str) 
         out, _ = rnn(x[:, :60])
         out[:, -1].sum().backward()
         grads[normalize] = torch.cat([p.grad.flatten() for p in rnn.parameters()])
-    assert not grads[False].isfinite().all()
-    assert grads[True].isfinite().all()
+    raw = grads[False]
+    assert not raw.isfinite().all() or raw.abs().max() > 1e6
+    assert grads[True].isfinite().all() and grads[True].abs().max() < 1e3
 
 
 @needs_mnist

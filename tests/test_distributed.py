@@ -78,6 +78,12 @@ def test_language_model_on_two_ranks_equals_one_rank(tmp_path: Path, text: Path)
         "--model=zoo.models.LanguageModel",
         "--model.variant=bn_lstm",
         "--model.hidden_size=16",
+        # SGD: the weights then differ by lr times the gradients' float32 rounding (one rank runs the fused path, two
+        # the synchronized step-by-step one: about 1e-5 of the gradients' norm), well within atol=1e-4, while a wrong
+        # average or split moves them by lr times the gradients themselves; Adam's normalization would blow the
+        # rounding up for near-zero gradients.
+        "--optimizer=torch.optim.SGD",
+        "--optimizer.lr=0.5",
     ]
     lm.append("--trainer.limit_val_batches=3")  # (and validate: the same batches as fit)
     fit = [*lm, "--trainer.max_steps=4", "--trainer.val_check_interval=2"]
@@ -87,10 +93,10 @@ def test_language_model_on_two_ranks_equals_one_rank(tmp_path: Path, text: Path)
     two = torch.load(tmp_path / "runs/two/checkpoints/last.ckpt", weights_only=True)
     assert one["global_step"] == two["global_step"] == 4
     for name, value in one["state_dict"].items():  # weights and running statistics
-        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-4, atol=1e-4, msg=name)
     assert two["carried_state"][0].shape == (1, 4, 16)  # all 4 rows, gathered from the ranks
-    for a, b in zip(two["carried_state"], one["carried_state"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(two["carried_state"], one["carried_state"], strict=True):  # (a forward pass of those weights)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
     ckpt = str(tmp_path / "runs/two/checkpoints/last.ckpt")
     for split, command in (("val", "validate"), ("test", "test")):
