@@ -21,7 +21,7 @@ COPY zoo ./zoo
 # The fused LSTM's C++ step (CPU only; the runtime image may lack a compiler: then the Python loop runs).
 ENV ZOO_EXT_DIR=/opt/zoo-ext
 RUN pip install . \
-    && (python -m zoo.nn.build || echo "zoo.nn.build failed: the fused LSTM runs its Python loop") \
+    && (python -m zoo.nn.build || echo "zoo.nn.build failed: the fused LSTM and GRU run their Python loops") \
     && python -c "import torch, lightning, zoo.nn; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 COPY train.py ./
 COPY configs ./configs

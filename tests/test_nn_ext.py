@@ -39,9 +39,9 @@ IDS = [v + "".join(f"-{k}={o}" for k, o in opts.items() if k != "max_steps") for
 @pytest.fixture(scope="session", autouse=True)
 def extension():
     if os.environ.get("ZOO_NO_EXT", "") not in ("", "0"):
-        pytest.skip("ZOO_NO_EXT is set: the compiled LSTM step is disabled")
+        pytest.skip("ZOO_NO_EXT is set: the compiled loops are disabled")
     if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++")):
-        pytest.skip("no C++ compiler: the compiled LSTM step cannot be built")
+        pytest.skip("no C++ compiler: the compiled loops cannot be built")
     module = _ext.load(build=True)
     assert module is not None and fused_module.extension_available()
     return module
