@@ -35,7 +35,7 @@ BLOCK = 1 << 19  # elements worked on at a time where a whole tensor would not s
 
 
 def extension_available() -> bool:
-    """Whether the compiled loops (`zoo.nn._ext`, built by ``python -m zoo.nn.build``) is loaded and enabled."""
+    """Whether the compiled loops (`zoo.nn._ext`, built by ``python -m zoo.nn.build``) are loaded and enabled."""
     return _ext.load() is not None
 
 
