@@ -249,8 +249,10 @@ struct Partials {
   T* dw;
   T* db;
   ThreadSums<T> w, b;
-  Partials(Norm& n, int64_t F)
-      : dw(mptr_or_null<T>(n.dw)), db(mptr_or_null<T>(n.db)), w(dw ? F : 0), b(db ? F : 0) {}
+  // (used false: no accumulators, for a norm whose gradients go elsewhere)
+  Partials(Norm& n, int64_t F, bool used = true)
+      : dw(used ? mptr_or_null<T>(n.dw) : nullptr), db(used ? mptr_or_null<T>(n.db) : nullptr), w(dw ? F : 0),
+        b(db ? F : 0) {}
   int64_t thread() const { return w.thread(); }
   T* pw(int64_t tid) { return dw ? w.at(tid) : nullptr; }
   T* pb(int64_t tid) { return db ? b.at(tid) : nullptr; }
@@ -753,7 +755,7 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
     // A training batch norm: one parallel region, as in forward_step.
     const int64_t nth = team_size(bs, G);
     TeamNorm<T> th(nh, t, off, G, bs, nth), tc(nc, t, off, H, bs, nth);
-    Partials<T> ph(nh, G), pc(nc, H);  // (the row-local norm's gain gradients)
+    Partials<T> ph(nh, G, !th.bn), pc(nc, H, !tc.bn);  // (a row-local norm's gain gradients)
     _Pragma("omp parallel num_threads(nth) if (nth > 1)")
     {
       const int64_t k = omp_get_thread_num();
@@ -763,8 +765,8 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
       for (int64_t r = r0; r < r1; ++r) gates(r);
       if (dz) th.backward(dup, zp, dzp, k, r0, r1, ph.pw(k), ph.pb(k));
     }
-    if (!th.bn) ph.finish();
-    if (!tc.bn) pc.finish();
+    ph.finish();
+    pc.finish();
   });
 }
 
