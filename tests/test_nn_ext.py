@@ -339,7 +339,7 @@ def test_recurrent_gemm_kernel_equals_mm(extension, rows: int, depth: int, featu
     w = torch.randn(features, depth)
     reference = (x.double() @ w.double().t()).float()
     panels = extension.pack_panels(w)
-    assert panels.shape == ((features + 15) // 16, depth, 16)
+    assert panels.shape == (depth * ((features + 15) // 16) * 16,)
     torch.testing.assert_close(extension.panels_mm(x, w, panels), reference, rtol=1e-5, atol=1e-5 * depth**0.5)
     torch.testing.assert_close(
         extension.panels_mm(x, w.t().contiguous().t(), extension.pack_panels(w.t().contiguous().t())),
@@ -348,3 +348,20 @@ def test_recurrent_gemm_kernel_equals_mm(extension, rows: int, depth: int, featu
         atol=1e-5 * depth**0.5,
     )
     torch.testing.assert_close(extension.panels_mm(x.double(), w.double(), None), x.double() @ w.double().t())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("rows", "depth", "features"), [(13, 700, 2400), (64, 1000, 4000)])
+def test_recurrent_gemm_kernel_streaming_order(extension, threads: int, rows: int, depth: int, features: int) -> None:
+    """Panels too large for a thread's cache (here above 3 MiB a thread) take the streaming order (all rows of A
+    packed per depth pass, each panel's block used by every block of rows): it equals torch.mm too."""
+    x = torch.randn(rows, depth)
+    w = torch.randn(features, depth)
+    reference = (x.double() @ w.double().t()).float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = extension.panels_mm(x, w, extension.pack_panels(w))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * depth**0.5)

@@ -101,6 +101,15 @@ def outer(a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(b.t().contiguous(), a.t(), None, "none", [], "").t()
 
 
+def outer_add(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a.T @ b`` for ``out`` in `outer`'s layout: in place through `torch.Tensor.addmm_` (MKL), or, through
+    oneDNN, its product added."""
+    if _outer_onednn(a):
+        out.add_(outer(a, b))
+    else:
+        out.addmm_(a.t(), b)
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -505,7 +514,7 @@ class OuterSum:
             + self.layout.batch_sizes[chunk.stop - 1]
             - self.layout.offsets[chunk.start]
         )
-        self.grad.add_(outer(self.buf[:n], self.layout.previous(self.h0, self.h, chunk)))
+        outer_add(self.grad, self.buf[:n], self.layout.previous(self.h0, self.h, chunk))
 
     def result(self) -> Tensor:
         return self.grad

@@ -617,6 +617,7 @@ void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Te
     using T = scalar_t;
     const T* zp = z.data_ptr<T>();
     T* zs = z_save.has_value() && z_save->defined() ? z_save->data_ptr<T>() + save_off * G : nullptr;
+    if (zs == zp) zs = nullptr;  // the GEMM wrote z where it is kept
     T* sp = s.data_ptr<T>() + save_off * G;
     T* scp = sc.data_ptr<T>() + save_off * H;
     T* cp = c.data_ptr<T>() + off * H;
@@ -774,28 +775,30 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
 // oneDNN's linear (through the dispatcher) costs ~25 µs per call on top of its arithmetic, and at the recurrence's
 // shapes (rows = the batch, 32 to 100) runs at 100–145 GFLOP/s on the 2-core AMD EPYC measured here; this kernel,
 // called directly, runs at 135–170 (benchmarks/speed.py's shapes, forward and backward).
-// Packing: panels of 16 output features, panel p = W[16p : 16p + 16, :] transposed, (K, 16), zeros past N.
+// Packing: panels of 16 output features (panel p = W[16p : 16p + 16, :] transposed, zeros past N), stored one depth
+// pass after the other: the rows [k0, k0 + kc) of panel p (kc = kDepth, less in the last pass) are the (kc, 16) block
+// at k0·P·16 + p·kc·16, so that a pass over consecutive panels reads one stream.
 constexpr int64_t kPanel = 16, kDepth = 256;  // output features per panel; the depth (K) of one pass through A
+constexpr int64_t kAhead = 16;                // panel rows prefetched ahead in the resident order
+constexpr int64_t kResident = 3 << 20;        // bytes of panels per thread above which the streaming order is used
 
-// W (N, K), any strides, float32 -> its panels (ceil(N / 16), K, 16).
+// W (N, K), any strides, float32 -> its panels (K · 16 · ceil(N / 16) floats, in the order above).
 Tensor pack_panels(const Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(), "pack_panels: a 2-d float32 CPU "
               "weight, not ", w.sizes(), " ", w.scalar_type());
   const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel, s0 = w.stride(0), s1 = w.stride(1);
-  Tensor out = at::zeros({P, K, kPanel}, w.options());
+  Tensor out = at::zeros({K * P * kPanel}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t cols = std::min(kPanel, N - p * kPanel);
-      float* d = dst + p * K * kPanel;
       const float* sp = src + p * kPanel * s0;
-      if (s1 == 1) {  // (out, in) rows: read each row once
+      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+        const int64_t kc = std::min(kDepth, K - k0);
+        float* d = dst + (k0 * P + p * kc) * kPanel;
         for (int64_t c = 0; c < cols; ++c)
-          for (int64_t k = 0; k < K; ++k) d[k * kPanel + c] = sp[c * s0 + k];
-      } else {
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t c = 0; c < cols; ++c) d[k * kPanel + c] = sp[c * s0 + k * s1];
+          for (int64_t k = 0; k < kc; ++k) d[k * kPanel + c] = sp[c * s0 + (k0 + k) * s1];
       }
     }
   });
@@ -804,13 +807,15 @@ Tensor pack_panels(const Tensor& w) {
 
 #if ZOO_PANEL_KERNEL
 // C[0:MR, 0:cols] (+)= Ap · B: Ap (kc, MR) interleaved rows of A, B (kc, 16) one panel's rows; 2·MR accumulators.
-template <int MR>
-inline void panel_kernel(const float* __restrict ap, const float* __restrict b, int64_t kc, float* __restrict c,
-                         int64_t ldc, int64_t cols, bool add) {
+// Each step of the depth prefetches the row of `pf` (stride 16) with the hint HINT.
+template <int MR, int HINT>
+inline void panel_kernel(const float* __restrict ap, const float* __restrict b, const float* pf, int64_t kc,
+                         float* __restrict c, int64_t ldc, int64_t cols, bool add) {
   __m256 acc[MR][2];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel), static_cast<_mm_hint>(HINT));
     const __m256 b0 = _mm256_load_ps(b + k * kPanel), b1 = _mm256_load_ps(b + k * kPanel + 8);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
@@ -840,41 +845,72 @@ inline void panel_kernel(const float* __restrict ap, const float* __restrict b, 
   }
 }
 
-// MR rows of C over the panels [p0, p1) and the depth [k0, k0 + kc): the rows of A interleaved into ap first.
+// MR rows of A, the depth [k0, k0 + kc), interleaved into ap (kc, MR).
 template <int MR>
-void panel_rows(const float* a, int64_t K, int64_t k0, int64_t kc, const float* panels, int64_t N, float* c,
-                int64_t p0, int64_t p1, float* ap, bool add) {
+inline void pack_rows(const float* a, int64_t K, int64_t k0, int64_t kc, float* ap) {
   for (int64_t k = 0; k < kc; ++k)
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) ap[k * MR + i] = a[i * K + k0 + k];
-  for (int64_t p = p0; p < p1; ++p)
-    panel_kernel<MR>(ap, panels + (p * K + k0) * kPanel, kc, c + p * kPanel, N, std::min(kPanel, N - p * kPanel),
-                     add || k0 > 0);
+}
+
+// f.template operator()<MR>() for the MR of a remainder of 1 to 5 rows.
+template <typename Fn>
+inline void for_remainder(int64_t rem, Fn&& f) {
+  switch (rem) {
+    case 5: f.template operator()<5>(); break;
+    case 4: f.template operator()<4>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 2: f.template operator()<2>(); break;
+    case 1: f.template operator()<1>(); break;
+    default: break;
+  }
 }
 
 // C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows, W packed by pack_panels. The threads share
-// the panels (each keeps its part of W in its own cache from step to step); each walks A six rows at a time.
+// the panels. Where a thread's panels fit its cache (kResident) they stay there from step to step: for each block of
+// six rows of A, the thread walks its panels, prefetching the stream kAhead rows ahead. Where they do not, each depth
+// pass packs all rows of A (they stay in L2), and each panel's block is read once from memory and used by every block
+// of rows from L1, while the next panel's block is prefetched.
 void panels_gemm(const float* a, int64_t M, int64_t K, const float* panels, int64_t N, float* c, bool add) {
   const int64_t P = (N + kPanel - 1) / kPanel;
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
+  const int64_t full = M / 6, rem = M % 6;
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
     const auto [p0, p1] = share(P, nth, omp_get_thread_num());
-    alignas(64) float ap[kDepth * 6];
+    const bool stream = (p1 - p0) * K * kPanel * int64_t(sizeof(float)) > kResident;
+    thread_local std::vector<float> rows_buf;
+    if (rows_buf.size() < size_t(M * kDepth)) rows_buf.resize(M * kDepth);
+    float* ap = rows_buf.data();
     for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
       const int64_t kc = std::min(kDepth, K - k0);
-      int64_t i = 0;
-      for (; i + 6 <= M; i += 6) panel_rows<6>(a + i * K, K, k0, kc, panels, N, c + i * N, p0, p1, ap, add);
-      const float* ai = a + i * K;
-      float* ci = c + i * N;
-      switch (M - i) {
-        case 5: panel_rows<5>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
-        case 4: panel_rows<4>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
-        case 3: panel_rows<3>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
-        case 2: panel_rows<2>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
-        case 1: panel_rows<1>(ai, K, k0, kc, panels, N, ci, p0, p1, ap, add); break;
-        default: break;
+      const float* block = panels + k0 * P * kPanel;
+      const bool acc = add || k0 > 0;
+      if (stream) {
+        for (int64_t r = 0; r < full; ++r) pack_rows<6>(a + r * 6 * K, K, k0, kc, ap + r * 6 * kc);
+        for_remainder(rem, [&]<int MR>() { pack_rows<MR>(a + full * 6 * K, K, k0, kc, ap + full * 6 * kc); });
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* b = block + p * kc * kPanel;
+          const int64_t cols = std::min(kPanel, N - p * kPanel);
+          float* cp = c + p * kPanel;
+          for (int64_t r = 0; r < full; ++r)
+            panel_kernel<6, _MM_HINT_T1>(ap + r * 6 * kc, b, b + kc * kPanel, kc, cp + r * 6 * N, N, cols, acc);
+          for_remainder(rem, [&]<int MR>() {
+            panel_kernel<MR, _MM_HINT_T1>(ap + full * 6 * kc, b, b + kc * kPanel, kc, cp + full * 6 * N, N, cols, acc);
+          });
+        }
+        continue;
       }
+      const auto rows = [&]<int MR>(int64_t i) {
+        pack_rows<MR>(a + i * K, K, k0, kc, ap);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* b = block + p * kc * kPanel;
+          panel_kernel<MR, _MM_HINT_T0>(ap, b, b + kAhead * kPanel, kc, c + i * N + p * kPanel, N,
+                                        std::min(kPanel, N - p * kPanel), acc);
+        }
+      };
+      for (int64_t r = 0; r < full; ++r) rows.template operator()<6>(r * 6);
+      for_remainder(rem, [&]<int MR>() { rows.template operator()<MR>(full * 6); });
     }
   }
 }
@@ -889,7 +925,8 @@ void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, c
               "lstm_step: recurrent GEMM of ", x.sizes(), " by ", weight.sizes(), " into ", out.sizes());
   if (panels.has_value() && panels->defined()) {
     TORCH_CHECK(ZOO_PANEL_KERNEL, "lstm_step: built without the AVX2 panel kernel (see `panel_kernel`)");
-    TORCH_CHECK(x.scalar_type() == at::kFloat && panels->size(1) == x.size(1), "lstm_step: panels for float32 only");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && panels->numel() == x.size(1) * ((out.size(1) + kPanel - 1) / kPanel) *
+                    kPanel, "lstm_step: float32 panels packed for this weight");
 #if ZOO_PANEL_KERNEL
     panels_gemm(x.data_ptr<float>(), x.size(0), x.size(1), panels->data_ptr<float>(), out.size(1),
                 out.data_ptr<float>(), add);
@@ -935,7 +972,9 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
   const auto off = offsets_of(batch_sizes);
   for (size_t t = 0; t < batch_sizes.size(); ++t) {
     const int64_t bs = batch_sizes[t], prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
-    const Tensor zt = s.narrow(0, so, bs);  // z goes to s's rows, where forward_step normalizes it in place
+    // z goes where it is kept for backward, else to s's rows, where forward_step normalizes it in place
+    const bool keep_z = train && z_save.has_value() && z_save->defined();
+    const Tensor zt = keep_z ? z_save->narrow(0, off[t], bs) : s.narrow(0, so, bs);
     recurrent_gemm(t ? h.narrow(0, prev, bs) : h0, weight, panels, zt, false);
     forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, so);
   }
