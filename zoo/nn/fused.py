@@ -184,16 +184,21 @@ class StepNorm:
         self.dw = self.db = None
         if self.kind == "bn" and not self.module.training:
             bn: MaskedBatchNorm = self.module
-            last = bn.max_steps - 1 if bn.per_step else 0  # shared statistics: the one row at every step
-            idx = torch.arange(steps, device=like.device).clamp(max=last)
-            mean = bn.running_mean[idx].to(like.dtype)
-            rstd = torch.rsqrt(bn.running_var[idx].to(like.dtype) + self.eps)
-            self.eval_mean, self.eval_rstd = mean, rstd
-            self.eval_scale = rstd * self.fwd_weight
-            self.eval_shift = -mean * self.eval_scale
+            # row t of the running statistics at step t, the last past it (shared statistics: the one row): the maps
+            # of the distinct rows, then the last one repeated
+            k = min(steps, bn.max_steps if bn.per_step else 1)
+            mean = bn.running_mean[:k].to(like.dtype, copy=True)  # (not a view of the buffer)
+            rstd = torch.rsqrt(bn.running_var[:k].to(like.dtype) + self.eps)
+            scale = rstd * self.fwd_weight
+            shift = -mean * scale
             if self.fwd_bias is not None:
-                self.eval_shift = self.eval_shift + self.fwd_bias
-            self.eval_grad_scale = rstd * self.weight
+                shift += self.fwd_bias
+
+            def every_step(x: Tensor) -> Tensor:
+                return x if k == steps else torch.cat([x, x[-1:].expand(steps - k, -1)])
+
+            self.eval_mean, self.eval_rstd = every_step(mean), every_step(rstd)
+            self.eval_scale, self.eval_shift = every_step(scale), every_step(shift)
 
     def forward(self, z: Tensor, t: int) -> Tensor:
         """The normalized (and scaled) ``z`` of step ``t``, a new tensor."""
@@ -261,7 +266,7 @@ class StepNorm:
                 dy, z, self.weight, None, None, mean, rstd, True, self.eps, [True, w_mask, b_mask]
             )
         else:
-            dz = dy * self.eval_grad_scale[t]
+            dz = dy * (self.eval_rstd[t] * self.weight)
             dw = (dy * (z - self.eval_mean[t]) * self.eval_rstd[t]).sum(0)
             db = dy.sum(0) if b_mask else None
         self.dw = dw if self.dw is None else self.dw.add_(dw)
