@@ -603,6 +603,61 @@ struct TeamNorm {
   }
 };
 
+// The forward step's rows, from pointers at the step's first row (see forward_step).
+template <typename T>
+struct LstmForwardRows {
+  int64_t H, G;
+  const T* zp;  // z = W_h h_{t-1}
+  T* zs;        // where z is kept for backward (null: not kept, or the GEMM wrote it there)
+  T* sp;
+  T* scp;
+  T* cp;
+  T* hp;
+  const T* up;
+  const T* gs;
+  const T* cprev;
+
+  LstmForwardRows(int64_t H, const T* z, T* z_save, T* s, T* sc, T* c, T* h, const T* u, const T* gscale,
+                  const T* c0, int64_t off, int64_t prev_off, int64_t save_off)
+      : H(H), G(4 * H), zp(z), zs(z_save ? z_save + save_off * G : nullptr), sp(s + save_off * G),
+        scp(sc + save_off * H), cp(c + off * H), hp(h + off * H), up(u + off * G), gs(gscale),
+        cprev(prev_off < 0 ? c0 : c + prev_off * H) {
+    if (zs == zp) zs = nullptr;
+  }
+
+  void gates(int64_t r) const {  // s = σ(s + u·scale); c = f ⊙ c_{t-1} + i ⊙ (2σ(2g) − 1)
+    T* __restrict sr = sp + r * G;
+    const T* __restrict ur = up + r * G;
+    for (int64_t j = 0; j < G; ++j) sr[j] = sigm(sr[j] + ur[j] * gs[j]);
+    const T* __restrict i = sr;
+    const T* __restrict f = sr + H;
+    const T* __restrict g = sr + 2 * H;
+    const T* __restrict cpr = cprev + r * H;
+    T* __restrict cr = cp + r * H;
+    for (int64_t j = 0; j < H; ++j) cr[j] = (i[j] * g[j] * T(2) - i[j]) + f[j] * cpr[j];
+  }
+
+  void output(int64_t r) const {  // sc = σ(2 N_c(c)); h = o ⊙ (2 sc − 1)
+    const T* __restrict o = sp + r * G + 3 * H;
+    T* __restrict scr = scp + r * H;
+    T* __restrict hr = hp + r * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T v = sigm(scr[j]);
+      scr[j] = v;
+      hr[j] = o[j] * v * T(2) - o[j];
+    }
+  }
+
+  // All of row r with row-local norms, in one pass.
+  void row(const RowNorm<T>& rh, const RowNorm<T>& rc, int64_t r) const {
+    if (zs) std::copy(zp + r * G, zp + (r + 1) * G, zs + r * G);
+    row_forward<T>(rh, zp + r * G, sp + r * G, G, r);  // N_h(z)·scale into s
+    gates(r);
+    row_forward<T>(rc, cp + r * H, scp + r * H, H, r);  // 2 N_c(c) into sc
+    output(r);
+  }
+};
+
 // The forward step t: rows [off, off + bs) of u, c, h; s, sc, z_save and the LN/RMS statistics at save_off (the same
 // rows in training; a scratch of the first rows in inference); c_{t-1} from c0 (prev_off < 0) or c at prev_off.
 // With row-local norms a row goes through all of it in one pass (one parallel region); a training batch norm, whose
@@ -615,49 +670,15 @@ void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Te
   check(u, u, "u");
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "lstm_forward_step", [&] {
     using T = scalar_t;
-    const T* zp = z.data_ptr<T>();
-    T* zs = z_save.has_value() && z_save->defined() ? z_save->data_ptr<T>() + save_off * G : nullptr;
-    if (zs == zp) zs = nullptr;  // the GEMM wrote z where it is kept
-    T* sp = s.data_ptr<T>() + save_off * G;
-    T* scp = sc.data_ptr<T>() + save_off * H;
-    T* cp = c.data_ptr<T>() + off * H;
-    T* hp = h.data_ptr<T>() + off * H;
-    const T* up = u.data_ptr<T>() + off * G;
-    const T* gs = gscale.data_ptr<T>();
-    const T* cprev = prev_off < 0 ? c0.data_ptr<T>() : c.data_ptr<T>() + prev_off * H;
-    auto gates = [&](int64_t r) {  // s = σ(s + u·scale); c = f ⊙ c_{t-1} + i ⊙ (2σ(2g) − 1)
-      T* __restrict sr = sp + r * G;
-      const T* __restrict ur = up + r * G;
-      for (int64_t j = 0; j < G; ++j) sr[j] = sigm(sr[j] + ur[j] * gs[j]);
-      const T* __restrict i = sr;
-      const T* __restrict f = sr + H;
-      const T* __restrict g = sr + 2 * H;
-      const T* __restrict cpr = cprev + r * H;
-      T* __restrict cr = cp + r * H;
-      for (int64_t j = 0; j < H; ++j) cr[j] = (i[j] * g[j] * T(2) - i[j]) + f[j] * cpr[j];
-    };
-    auto output = [&](int64_t r) {  // sc = σ(2 N_c(c)); h = o ⊙ (2 sc − 1)
-      const T* __restrict o = sp + r * G + 3 * H;
-      T* __restrict scr = scp + r * H;
-      T* __restrict hr = hp + r * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const T v = sigm(scr[j]);
-        scr[j] = v;
-        hr[j] = o[j] * v * T(2) - o[j];
-      }
-    };
+    const LstmForwardRows<T> f(H, z.data_ptr<T>(), mptr_or_null<T>(z_save), s.data_ptr<T>(), sc.data_ptr<T>(),
+                               c.data_ptr<T>(), h.data_ptr<T>(), u.data_ptr<T>(), gscale.data_ptr<T>(),
+                               c0.data_ptr<T>(), off, prev_off, save_off);
     if (nh.kind != BN_TRAIN && nc.kind != BN_TRAIN) {
       Buffer<T> ones_h, ones_c;
       const RowNorm<T> rh = row_norm<T>(nh, t, save_off, G, ones_h);
       const RowNorm<T> rc = row_norm<T>(nc, t, save_off, H, ones_c);
       at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          if (zs) std::copy(zp + r * G, zp + (r + 1) * G, zs + r * G);
-          row_forward<T>(rh, zp + r * G, sp + r * G, G, r);  // N_h(z)·scale into s
-          gates(r);
-          row_forward<T>(rc, cp + r * H, scp + r * H, H, r);  // 2 N_c(c) into sc
-          output(r);
-        }
+        for (int64_t r = r0; r < r1; ++r) f.row(rh, rc, r);
       });
       return;
     }
@@ -668,14 +689,78 @@ void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Te
     {
       const int64_t k = omp_get_thread_num();
       const auto [r0, r1] = share(bs, nth, k);
-      if (zs) std::copy(zp + r0 * G, zp + r1 * G, zs + r0 * G);
-      th.forward(zp, sp, k, r0, r1);  // N_h(z)·scale into s
-      for (int64_t r = r0; r < r1; ++r) gates(r);
-      tc.forward(cp, scp, k, r0, r1);  // 2 N_c(c) into sc
-      for (int64_t r = r0; r < r1; ++r) output(r);
+      if (f.zs) std::copy(f.zp + r0 * G, f.zp + r1 * G, f.zs + r0 * G);
+      th.forward(f.zp, f.sp, k, r0, r1);  // N_h(z)·scale into s
+      for (int64_t r = r0; r < r1; ++r) f.gates(r);
+      tc.forward(f.cp, f.scp, k, r0, r1);  // 2 N_c(c) into sc
+      for (int64_t r = r0; r < r1; ++r) f.output(r);
     }
   });
 }
+
+// The backward step's rows, from pointers at the step's first row (see backward_step).
+template <typename T>
+struct LstmBackwardRows {
+  int64_t H, G;
+  const T* sp;
+  const T* scp;
+  const T* cp;
+  const T* cprev;
+  const T* dop;  // the outputs' gradient, or null
+  const T* zp;   // z, or null (N_h none)
+  T* dzp;        // where dz goes, or null (N_h none: du's rows are it)
+  T* dhp;
+  T* dcp;
+  T* dup;
+  T* wk;
+
+  LstmBackwardRows(int64_t H, const T* s, const T* sc, const T* c, const T* c0, const T* dout, const T* z, T* dz,
+                   T* dh_carry, T* dc_carry, T* du, T* work, int64_t off, int64_t prev_off)
+      : H(H), G(4 * H), sp(s + off * G), scp(sc + off * H), cp(c + off * H),
+        cprev(prev_off < 0 ? c0 : c + prev_off * H), dop(dout ? dout + off * H : nullptr),
+        zp(z ? z + off * G : nullptr), dzp(dz), dhp(dh_carry), dcp(dc_carry), dup(du + off * G), wk(work) {}
+
+  void head(int64_t r) const {  // dh; do = dh ⊙ tanh(N_c(c_t)); the gradient of 2 N_c(c_t) into work
+    T* __restrict dh = dhp + r * H;
+    const T* __restrict scr = scp + r * H;
+    const T* __restrict o = sp + r * G + 3 * H;
+    T* __restrict dor = dup + r * G + 3 * H;
+    T* __restrict dn = wk + r * H;
+    if (dop) {
+      const T* __restrict dor_in = dop + r * H;
+      for (int64_t j = 0; j < H; ++j) dh[j] += dor_in[j];
+    }
+    for (int64_t j = 0; j < H; ++j) {
+      dor[j] = (scr[j] * T(2) - T(1)) * dh[j];                   // dh ⊙ tanh(N_c(c_t))
+      dn[j] = (scr[j] - scr[j] * scr[j]) * o[j] * dh[j] * T(4);  // through tanh: 4σ'(2x)
+    }
+  }
+
+  void gates(int64_t r) const {  // dc = work + dc_carry; the gate gradients; dc_carry = dc ⊙ f
+    const T* __restrict sr = sp + r * G;
+    T* __restrict dr = dup + r * G;
+    const T* __restrict dnr = wk + r * H;
+    T* __restrict dcr = dcp + r * H;
+    const T* __restrict cpr = cprev + r * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = sr[j], f = sr[H + j], g = sr[2 * H + j];
+      const T dc = dnr[j] + dcr[j];
+      dr[j] = dc * g * T(2) - dc;  // dc ⊙ tanh(g)
+      dr[H + j] = dc * cpr[j];
+      dr[2 * H + j] = dc * i * T(4);
+      dcr[j] = dc * f;
+    }
+    for (int64_t j = 0; j < G; ++j) dr[j] *= sr[j] - sr[j] * sr[j];  // σ'; the candidate block: 4σ'(2g)
+  }
+
+  // All of row r with row-local norms, their gain and shift gradients into the partial sums given (or null).
+  void row(const RowNorm<T>& rh, const RowNorm<T>& rc, int64_t r, T* pwh, T* pbh, T* pwc, T* pbc) const {
+    head(r);
+    row_backward<T>(rc, wk + r * H, cp + r * H, wk + r * H, H, r, pwc, pbc);  // through N_c, in place
+    gates(r);
+    if (dzp) row_backward<T>(rh, dup + r * G, zp + r * G, dzp + r * G, G, r, pwh, pbh);
+  }
+};
 
 // The backward step t: dh = dh_carry (+ dout rows), written back into dh_carry; du rows; dz (the gradient of
 // z = W_h h_{t-1}, through N_h) into dz_out unless N_h is none (then du's rows are it); dc_carry = dc ⊙ f. work: (bs, H).
@@ -693,48 +778,10 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
   }
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_backward_step", [&] {
     using T = scalar_t;
-    const T* sp = s.data_ptr<T>() + off * G;
-    const T* scp = sc.data_ptr<T>() + off * H;
-    const T* cp = c.data_ptr<T>() + off * H;
-    const T* cprev = prev_off < 0 ? c0.data_ptr<T>() : c.data_ptr<T>() + prev_off * H;
-    const T* dop = dout.has_value() && dout->defined() ? dout->data_ptr<T>() + off * H : nullptr;
-    const T* zp = dz ? z->data_ptr<T>() + off * G : nullptr;
-    T* dzp = dz ? dz_out->data_ptr<T>() : nullptr;
-    T* dhp = dh_carry.data_ptr<T>();
-    T* dcp = dc_carry.data_ptr<T>();
-    T* dup = du.data_ptr<T>() + off * G;
-    T* wk = work.data_ptr<T>();
-    auto head = [&](int64_t r) {  // dh; do = dh ⊙ tanh(N_c(c_t)); the gradient of 2 N_c(c_t) into work
-      T* __restrict dh = dhp + r * H;
-      const T* __restrict scr = scp + r * H;
-      const T* __restrict o = sp + r * G + 3 * H;
-      T* __restrict dor = dup + r * G + 3 * H;
-      T* __restrict dn = wk + r * H;
-      if (dop) {
-        const T* __restrict dor_in = dop + r * H;
-        for (int64_t j = 0; j < H; ++j) dh[j] += dor_in[j];
-      }
-      for (int64_t j = 0; j < H; ++j) {
-        dor[j] = (scr[j] * T(2) - T(1)) * dh[j];                   // dh ⊙ tanh(N_c(c_t))
-        dn[j] = (scr[j] - scr[j] * scr[j]) * o[j] * dh[j] * T(4);  // through tanh: 4σ'(2x)
-      }
-    };
-    auto gates = [&](int64_t r) {  // dc = work + dc_carry; the gate gradients; dc_carry = dc ⊙ f
-      const T* __restrict sr = sp + r * G;
-      T* __restrict dr = dup + r * G;
-      const T* __restrict dnr = wk + r * H;
-      T* __restrict dcr = dcp + r * H;
-      const T* __restrict cpr = cprev + r * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const T i = sr[j], f = sr[H + j], g = sr[2 * H + j];
-        const T dc = dnr[j] + dcr[j];
-        dr[j] = dc * g * T(2) - dc;  // dc ⊙ tanh(g)
-        dr[H + j] = dc * cpr[j];
-        dr[2 * H + j] = dc * i * T(4);
-        dcr[j] = dc * f;
-      }
-      for (int64_t j = 0; j < G; ++j) dr[j] *= sr[j] - sr[j] * sr[j];  // σ'; the candidate block: 4σ'(2g)
-    };
+    const LstmBackwardRows<T> b(H, s.data_ptr<T>(), sc.data_ptr<T>(), c.data_ptr<T>(), c0.data_ptr<T>(),
+                                ptr_or_null<T>(dout), dz ? z->data_ptr<T>() : nullptr,
+                                dz ? dz_out->data_ptr<T>() : nullptr, dh_carry.data_ptr<T>(),
+                                dc_carry.data_ptr<T>(), du.data_ptr<T>(), work.data_ptr<T>(), off, prev_off);
     if (nh.kind != BN_TRAIN && nc.kind != BN_TRAIN) {
       Buffer<T> ones_h, ones_c;
       const RowNorm<T> rh = row_norm<T>(nh, t, off, G, ones_h);
@@ -742,12 +789,7 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
       Partials<T> ph(nh, G), pc(nc, H);
       at::parallel_for(0, bs, row_grain(G), [&](int64_t r0, int64_t r1) {
         const int64_t tid = ph.thread();
-        for (int64_t r = r0; r < r1; ++r) {
-          head(r);
-          row_backward<T>(rc, wk + r * H, cp + r * H, wk + r * H, H, r, pc.pw(tid), pc.pb(tid));
-          gates(r);
-          if (dz) row_backward<T>(rh, dup + r * G, zp + r * G, dzp + r * G, G, r, ph.pw(tid), ph.pb(tid));
-        }
+        for (int64_t r = r0; r < r1; ++r) b.row(rh, rc, r, ph.pw(tid), ph.pb(tid), pc.pw(tid), pc.pb(tid));
       });
       ph.finish();
       pc.finish();
@@ -761,10 +803,10 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
     {
       const int64_t k = omp_get_thread_num();
       const auto [r0, r1] = share(bs, nth, k);
-      for (int64_t r = r0; r < r1; ++r) head(r);
-      tc.backward(wk, cp, wk, k, r0, r1, pc.pw(k), pc.pb(k));  // the gradient of c_t through N_c, in place
-      for (int64_t r = r0; r < r1; ++r) gates(r);
-      if (dz) th.backward(dup, zp, dzp, k, r0, r1, ph.pw(k), ph.pb(k));
+      for (int64_t r = r0; r < r1; ++r) b.head(r);
+      tc.backward(b.wk, b.cp, b.wk, k, r0, r1, pc.pw(k), pc.pb(k));  // the gradient of c_t through N_c, in place
+      for (int64_t r = r0; r < r1; ++r) b.gates(r);
+      if (dz) th.backward(b.dup, b.zp, b.dzp, k, r0, r1, ph.pw(k), ph.pb(k));
     }
     ph.finish();
     pc.finish();
@@ -781,6 +823,7 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
 constexpr int64_t kPanel = 16, kDepth = 256;  // output features per panel; the depth (K) of one pass through A
 constexpr int64_t kAhead = 16;                // panel rows prefetched ahead in the resident order
 constexpr int64_t kResident = 3 << 20;        // bytes of panels per thread above which the streaming order is used
+inline int64_t padded(int64_t N) { return (N + kPanel - 1) / kPanel * kPanel; }  // N features in whole panels
 
 // W (N, K), any strides, float32 -> its panels (K · 16 · ceil(N / 16) floats, in the order above).
 Tensor pack_panels(const Tensor& w) {
@@ -845,12 +888,12 @@ inline void panel_kernel(const float* __restrict ap, const float* __restrict b, 
   }
 }
 
-// MR rows of A, the depth [k0, k0 + kc), interleaved into ap (kc, MR).
+// MR rows of A (row stride lda), the depth [k0, k0 + kc), interleaved into ap (kc, MR).
 template <int MR>
-inline void pack_rows(const float* a, int64_t K, int64_t k0, int64_t kc, float* ap) {
+inline void pack_rows(const float* a, int64_t lda, int64_t k0, int64_t kc, float* ap) {
   for (int64_t k = 0; k < kc; ++k)
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) ap[k * MR + i] = a[i * K + k0 + k];
+    for (int i = 0; i < MR; ++i) ap[k * MR + i] = a[i * lda + k0 + k];
 }
 
 // f.template operator()<MR>() for the MR of a remainder of 1 to 5 rows.
@@ -866,52 +909,59 @@ inline void for_remainder(int64_t rem, Fn&& f) {
   }
 }
 
-// C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows, W packed by pack_panels. The threads share
-// the panels. Where a thread's panels fit its cache (kResident) they stay there from step to step: for each block of
-// six rows of A, the thread walks its panels, prefetching the stream kAhead rows ahead. Where they do not, each depth
-// pass packs all rows of A (they stay in L2), and each panel's block is read once from memory and used by every block
-// of rows from L1, while the next panel's block is prefetched.
+// One thread's part of C (M, N) = A (M, K) · W.T (plus C where `add`): the panels [p0, p1) of W (packed by
+// pack_panels), the rows of A and C at strides lda and ldc. Where the panels fit the thread's cache (kResident) they
+// stay there from step to step: for each block of six rows of A, the thread walks its panels, prefetching the stream
+// kAhead rows ahead. Where they do not, each depth pass packs all rows of A (they stay in L2), and each panel's block
+// is read once from memory and used by every block of rows from L1, while the next panel's block is prefetched.
+void panels_block(const float* a, int64_t lda, int64_t M, int64_t K, const float* panels, int64_t N, float* c,
+                  int64_t ldc, bool add, int64_t p0, int64_t p1) {
+  const int64_t P = (N + kPanel - 1) / kPanel, full = M / 6, rem = M % 6;
+  const bool stream = (p1 - p0) * K * kPanel * int64_t(sizeof(float)) > kResident;
+  thread_local std::vector<float> rows_buf;
+  if (rows_buf.size() < size_t(M * kDepth)) rows_buf.resize(M * kDepth);
+  float* ap = rows_buf.data();
+  for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+    const int64_t kc = std::min(kDepth, K - k0);
+    const float* block = panels + k0 * P * kPanel;
+    const bool acc = add || k0 > 0;
+    if (stream) {
+      for (int64_t r = 0; r < full; ++r) pack_rows<6>(a + r * 6 * lda, lda, k0, kc, ap + r * 6 * kc);
+      for_remainder(rem, [&]<int MR>() { pack_rows<MR>(a + full * 6 * lda, lda, k0, kc, ap + full * 6 * kc); });
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* b = block + p * kc * kPanel;
+        const int64_t cols = std::min(kPanel, N - p * kPanel);
+        float* cp = c + p * kPanel;
+        for (int64_t r = 0; r < full; ++r)
+          panel_kernel<6, _MM_HINT_T1>(ap + r * 6 * kc, b, b + kc * kPanel, kc, cp + r * 6 * ldc, ldc, cols, acc);
+        for_remainder(rem, [&]<int MR>() {
+          panel_kernel<MR, _MM_HINT_T1>(ap + full * 6 * kc, b, b + kc * kPanel, kc, cp + full * 6 * ldc, ldc, cols,
+                                        acc);
+        });
+      }
+      continue;
+    }
+    const auto rows = [&]<int MR>(int64_t i) {
+      pack_rows<MR>(a + i * lda, lda, k0, kc, ap);
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* b = block + p * kc * kPanel;
+        panel_kernel<MR, _MM_HINT_T0>(ap, b, b + kAhead * kPanel, kc, c + i * ldc + p * kPanel, ldc,
+                                      std::min(kPanel, N - p * kPanel), acc);
+      }
+    };
+    for (int64_t r = 0; r < full; ++r) rows.template operator()<6>(r * 6);
+    for_remainder(rem, [&]<int MR>() { rows.template operator()<MR>(full * 6); });
+  }
+}
+
+// C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows; the threads share the panels.
 void panels_gemm(const float* a, int64_t M, int64_t K, const float* panels, int64_t N, float* c, bool add) {
   const int64_t P = (N + kPanel - 1) / kPanel;
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
-  const int64_t full = M / 6, rem = M % 6;
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
     const auto [p0, p1] = share(P, nth, omp_get_thread_num());
-    const bool stream = (p1 - p0) * K * kPanel * int64_t(sizeof(float)) > kResident;
-    thread_local std::vector<float> rows_buf;
-    if (rows_buf.size() < size_t(M * kDepth)) rows_buf.resize(M * kDepth);
-    float* ap = rows_buf.data();
-    for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-      const int64_t kc = std::min(kDepth, K - k0);
-      const float* block = panels + k0 * P * kPanel;
-      const bool acc = add || k0 > 0;
-      if (stream) {
-        for (int64_t r = 0; r < full; ++r) pack_rows<6>(a + r * 6 * K, K, k0, kc, ap + r * 6 * kc);
-        for_remainder(rem, [&]<int MR>() { pack_rows<MR>(a + full * 6 * K, K, k0, kc, ap + full * 6 * kc); });
-        for (int64_t p = p0; p < p1; ++p) {
-          const float* b = block + p * kc * kPanel;
-          const int64_t cols = std::min(kPanel, N - p * kPanel);
-          float* cp = c + p * kPanel;
-          for (int64_t r = 0; r < full; ++r)
-            panel_kernel<6, _MM_HINT_T1>(ap + r * 6 * kc, b, b + kc * kPanel, kc, cp + r * 6 * N, N, cols, acc);
-          for_remainder(rem, [&]<int MR>() {
-            panel_kernel<MR, _MM_HINT_T1>(ap + full * 6 * kc, b, b + kc * kPanel, kc, cp + full * 6 * N, N, cols, acc);
-          });
-        }
-        continue;
-      }
-      const auto rows = [&]<int MR>(int64_t i) {
-        pack_rows<MR>(a + i * K, K, k0, kc, ap);
-        for (int64_t p = p0; p < p1; ++p) {
-          const float* b = block + p * kc * kPanel;
-          panel_kernel<MR, _MM_HINT_T0>(ap, b, b + kAhead * kPanel, kc, c + i * N + p * kPanel, N,
-                                        std::min(kPanel, N - p * kPanel), acc);
-        }
-      };
-      for (int64_t r = 0; r < full; ++r) rows.template operator()<6>(r * 6);
-      for_remainder(rem, [&]<int MR>() { rows.template operator()<MR>(full * 6); });
-    }
+    panels_block(a, K, M, K, panels, N, c, N, add, p0, p1);
   }
 }
 
@@ -964,38 +1014,135 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& batch_sizes) {
   return off;
 }
 
-// All forward steps: z_t = W_h h_{t-1} (recurrent_gemm with W_h's panels), then forward_step. `train`: s, sc and the
-// statistics are kept for every row (else s, sc are a scratch of batch_sizes[0] rows).
+// With row-local norms each sequence's steps depend on its own rows only. Where the GEMM is the panel kernel, the
+// loops therefore give each thread its rows (every nth row of the batch, interleaved so that the threads keep equal
+// shares as sequences end) for all steps, its GEMMs included: no barrier between steps, where a shared step has two
+// (after the GEMM, after the step), each waiting for the slowest thread.
+inline bool rows_parallel(const Norm& nh, const Norm& nc, const OptT& panels, const Tensor& u) {
+  return ZOO_PANEL_KERNEL && panels.has_value() && panels->defined() && u.scalar_type() == at::kFloat &&
+         nh.kind != BN_TRAIN && nc.kind != BN_TRAIN;
+}
+
+// The threads of a rows-parallel loop over a batch of `rows`, and the rows of member k at a step of bs rows.
+inline int64_t loop_threads(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+}
+inline int64_t member_rows(int64_t bs, int64_t nth, int64_t k) { return bs > k ? (bs - k + nth - 1) / nth : 0; }
+
+// Each step's row-local norms (built before a parallel region: nothing in it may throw).
+std::vector<RowNorm<float>> step_norms(Norm& n, const std::vector<int64_t>& off, int64_t steps, bool saved_rows,
+                                       int64_t F, Buffer<float>& ones) {
+  std::vector<RowNorm<float>> out;
+  for (int64_t t = 0; t < steps; ++t) out.push_back(row_norm<float>(n, t, saved_rows ? off[t] : 0, F, ones));
+  return out;
+}
+
+// All forward steps: z_t = W_h h_{t-1} (the recurrent GEMM with W_h's panels), then forward_step. `train`: s, sc and
+// the statistics are kept for every row (else s, sc are a scratch of batch_sizes[0] rows).
 void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const Tensor& h0, const Tensor& u,
                   const Tensor& gscale, const Tensor& c0, const Tensor& s, const Tensor& c, const Tensor& sc,
                   const Tensor& h, OptT z_save, const std::vector<int64_t>& batch_sizes, bool train) {
   const auto off = offsets_of(batch_sizes);
-  for (size_t t = 0; t < batch_sizes.size(); ++t) {
-    const int64_t bs = batch_sizes[t], prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
-    // z goes where it is kept for backward, else to s's rows, where forward_step normalizes it in place
-    const bool keep_z = train && z_save.has_value() && z_save->defined();
-    const Tensor zt = keep_z ? z_save->narrow(0, off[t], bs) : s.narrow(0, so, bs);
-    recurrent_gemm(t ? h.narrow(0, prev, bs) : h0, weight, panels, zt, false);
-    forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, so);
+  const int64_t steps = batch_sizes.size();
+  // z goes where it is kept for backward, else to s's rows, where the step normalizes it in place
+  const bool keep_z = train && z_save.has_value() && z_save->defined();
+  if (!rows_parallel(nh, nc, panels, u)) {
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t bs = batch_sizes[t], prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
+      const Tensor zt = keep_z ? z_save->narrow(0, off[t], bs) : s.narrow(0, so, bs);
+      recurrent_gemm(t ? h.narrow(0, prev, bs) : h0, weight, panels, zt, false);
+      forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, so);
+    }
+    return;
   }
+#if ZOO_PANEL_KERNEL
+  const int64_t H = c.size(1), G = 4 * H, nth = loop_threads(batch_sizes[0]);
+  for (const Tensor* x : std::initializer_list<const Tensor*>{&h0, &gscale, &c0, &s, &c, &sc, &h}) check(*x, u, "every tensor");
+  check(u, u, "u");
+  TORCH_CHECK(weight.size(0) == G && weight.size(1) == H && panels->numel() == H * padded(G), "lstm_step: W_h of ",
+              weight.sizes(), " for ", H, " hidden features");
+  if (keep_z) check(*z_save, u, "z_save");
+  Buffer<float> ones_h, ones_c;
+  const auto rh = step_norms(nh, off, steps, train, G, ones_h), rc = step_norms(nc, off, steps, train, H, ones_c);
+  const float* w = panels->data_ptr<float>();
+  float* zk = keep_z ? z_save->data_ptr<float>() : nullptr;
+  float *sp = s.data_ptr<float>(), *scp = sc.data_ptr<float>(), *cp = c.data_ptr<float>(), *hp = h.data_ptr<float>();
+  const float *up = u.data_ptr<float>(), *gs = gscale.data_ptr<float>(), *h0p = h0.data_ptr<float>();
+  const float* c0p = c0.data_ptr<float>();
+#pragma omp parallel num_threads(nth) if (nth > 1)
+  {
+    const int64_t k = omp_get_thread_num();
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t bs = batch_sizes[t], m = member_rows(bs, nth, k);
+      if (m == 0) break;  // (the batch only shrinks)
+      const int64_t prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
+      float* zt = keep_z ? zk + off[t] * G : sp + so * G;
+      const float* hprev = t ? hp + prev * H : h0p;
+      panels_block(hprev + k * H, nth * H, m, H, w, G, zt + k * G, nth * G, false, 0, padded(G) / kPanel);
+      const LstmForwardRows<float> f(H, zt, zk, sp, scp, cp, hp, up, gs, c0p, off[t], prev, so);
+      for (int64_t r = k; r < bs; r += nth) f.row(rh[t], rc[t], r);
+    }
+  }
+#endif
 }
 
-// The backward steps t_hi - 1 down to t_lo: backward_step, then dh_{t-1} = dz_t W_h (recurrent_gemm, W_h.T's panels).
-// dz_t goes to dz_buf's rows from offset(t) - offset(t_lo) (a chunk for the W_h gradient), or, without dz_buf (N_h
-// none), it is du's rows.
+// The backward steps t_hi - 1 down to t_lo: backward_step, then dh_{t-1} = dz_t W_h (the recurrent GEMM, W_h.T's
+// panels). dz_t goes to dz_buf's rows from offset(t) - offset(t_lo) (a chunk for the W_h gradient), or, without
+// dz_buf (N_h none), it is du's rows.
 void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT panels_t, const Tensor& s, const Tensor& sc,
                    const Tensor& c, const Tensor& c0, OptT z, OptT dout, const Tensor& dh_carry,
                    const Tensor& dc_carry, const Tensor& du, OptT dz_buf, const Tensor& work,
                    const std::vector<int64_t>& batch_sizes, int64_t t_lo, int64_t t_hi) {
   const auto off = offsets_of(batch_sizes);
   const bool chunk = dz_buf.has_value() && dz_buf->defined();
-  for (int64_t t = t_hi - 1; t >= t_lo; --t) {
-    const int64_t bs = batch_sizes[t];
-    const Tensor dzt = chunk ? dz_buf->narrow(0, off[t] - off[t_lo], bs) : du.narrow(0, off[t], bs);
-    backward_step(nh, nc, s, sc, c, c0, z, dout, dh_carry, dc_carry, du, chunk ? OptT(dzt) : OptT(), work, t, off[t],
-                  t ? off[t - 1] : -1, bs);
-    recurrent_gemm(dzt, weight_t, panels_t, dh_carry.narrow(0, 0, bs), false);
+  if (!rows_parallel(nh, nc, panels_t, s)) {
+    for (int64_t t = t_hi - 1; t >= t_lo; --t) {
+      const int64_t bs = batch_sizes[t];
+      const Tensor dzt = chunk ? dz_buf->narrow(0, off[t] - off[t_lo], bs) : du.narrow(0, off[t], bs);
+      backward_step(nh, nc, s, sc, c, c0, z, dout, dh_carry, dc_carry, du, chunk ? OptT(dzt) : OptT(), work, t,
+                    off[t], t ? off[t - 1] : -1, bs);
+      recurrent_gemm(dzt, weight_t, panels_t, dh_carry.narrow(0, 0, bs), false);
+    }
+    return;
   }
+#if ZOO_PANEL_KERNEL
+  const int64_t H = c.size(1), G = 4 * H, nth = loop_threads(batch_sizes[0]);
+  for (const Tensor* x : std::initializer_list<const Tensor*>{&sc, &c, &c0, &dh_carry, &dc_carry, &du, &work}) check(*x, s, "every tensor");
+  TORCH_CHECK(weight_t.size(0) == H && weight_t.size(1) == G && panels_t->numel() == G * padded(H), "lstm_step: W_h.T of ",
+              weight_t.sizes(), " for ", H, " hidden features");
+  if (chunk) {
+    TORCH_CHECK(z.has_value() && z->defined(), "lstm_step: a normalized W_h h needs z");
+    check(*z, s, "z");
+    check(*dz_buf, s, "dz_buf");
+  }
+  if (dout.has_value() && dout->defined()) check(*dout, s, "dout");
+  Buffer<float> ones_h, ones_c;
+  const int64_t steps = batch_sizes.size();
+  const auto rh = step_norms(nh, off, steps, true, G, ones_h), rc = step_norms(nc, off, steps, true, H, ones_c);
+  Partials<float> ph(nh, G), pc(nc, H);
+  const float* w = panels_t->data_ptr<float>();
+  const float *sp = s.data_ptr<float>(), *scp = sc.data_ptr<float>(), *cp = c.data_ptr<float>();
+  const float *c0p = c0.data_ptr<float>(), *dop = ptr_or_null<float>(dout);
+  const float* zp = chunk ? z->data_ptr<float>() : nullptr;
+  float *dzb = chunk ? dz_buf->data_ptr<float>() : nullptr, *dhp = dh_carry.data_ptr<float>();
+  float *dcp = dc_carry.data_ptr<float>(), *dup = du.data_ptr<float>(), *wk = work.data_ptr<float>();
+#pragma omp parallel num_threads(nth) if (nth > 1)
+  {
+    const int64_t k = omp_get_thread_num();
+    for (int64_t t = t_hi - 1; t >= t_lo; --t) {
+      const int64_t bs = batch_sizes[t], m = member_rows(bs, nth, k);
+      if (m == 0) continue;  // (the batch grows as t falls)
+      float* dzt = chunk ? dzb + (off[t] - off[t_lo]) * G : nullptr;
+      const LstmBackwardRows<float> b(H, sp, scp, cp, c0p, dop, zp, dzt, dhp, dcp, dup, wk, off[t],
+                                      t ? off[t - 1] : -1);
+      for (int64_t r = k; r < bs; r += nth) b.row(rh[t], rc[t], r, ph.pw(k), ph.pb(k), pc.pw(k), pc.pb(k));
+      const float* a = chunk ? dzt : dup + off[t] * G;
+      panels_block(a + k * G, nth * G, m, G, w, H, dhp + k * H, nth * H, false, 0, padded(H) / kPanel);
+    }
+  }
+  ph.finish();
+  pc.finish();
+#endif
 }
 
 // ---- The GRU (zoo.nn.fused.FusedGRU), with row-local norms N_rz, N_n of a = W_h h_{t-1} (b_hn in N_n's shift):
