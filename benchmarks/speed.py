@@ -36,6 +36,7 @@ import zoo.nn
 
 SHAPES = [(32, 100, 64, 256), (64, 200, 64, 512), (100, 784, 1, 100), (64, 100, 50, 1000)]
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+PROBE_TUNABLES = "glibc.malloc.mmap_threshold=65536"  # the memory probe: every large buffer its own mapping
 
 
 def native_for(variant: str, input_size: int, hidden: int) -> nn.Module:
@@ -84,6 +85,9 @@ def peak_memory(variant: str, shape: tuple[int, int, int, int], which: str, devi
 
     CUDA: `max_memory_allocated`. CPU: a fresh process (so no freed memory is cached from earlier steps) resets the
     kernel's peak-RSS counter (``/proc/self/clear_refs``), runs one step and reads ``VmHWM`` against ``VmRSS`` before.
+    On glibc that process maps every buffer of 64 KiB or more on its own (`PROBE_TUNABLES`), returned to the system when
+    freed, so the peak is that of the live buffers; with one heap (the timing settings) it moved by up to one (T, B, 4H)
+    tensor with the heap's layout between otherwise equal runs.
     """
     if device.type == "cuda":
         batch, steps, input_size, hidden = shape
@@ -100,7 +104,8 @@ def peak_memory(variant: str, shape: tuple[int, int, int, int], which: str, devi
     if not os.path.exists("/proc/self/clear_refs"):
         return float("nan")
     cmd = [sys.executable, __file__, "--memory-probe", variant, ",".join(map(str, shape)), which]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = {**os.environ, "GLIBC_TUNABLES": PROBE_TUNABLES} if platform.libc_ver()[0] == "glibc" else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -9,8 +9,10 @@ still running, so a masked batch statistic is a statistic over a prefix, and fin
 What makes it fast, from measurement on CPU: for the LSTM and GRU families the whole loop over steps runs in the
 compiled extension (``zoo/nn/csrc/lstm_step.cpp``, built by ``python -m zoo.nn.build``), its recurrent products through
 the extension's own AVX2 GEMM kernel over W_h packed once per sequence (`Panels`; a call of oneDNN's linear costs more
-than a small step's arithmetic), each step's normalizations, gates and state update in one parallel region; tanh(x) =
-2σ(2x) − 1 lets one sigmoid cover all four LSTM gates (the candidate block of the pre-activations is doubled). Without
+than a small step's arithmetic), each step's normalizations, gates and state update in one pass per row: with
+per-sample norms the LSTM loop gives each thread its rows for all steps (no barrier between steps), a training batch
+norm combines its statistics across threads at barriers; tanh(x) = 2σ(2x) − 1 lets one sigmoid cover all four LSTM
+gates (the candidate block of the pre-activations is doubled). Without
 the extension, a Python loop calls oneDNN's GEMM with the weights packed once per sequence and the vendor kernels
 `native_layer_norm`, `_fused_rms_norm` and `native_batch_norm` (and their backward kernels), one per step and norm.
 The reference path (`fused=False`) defines the result; the tests hold all of them equal.
