@@ -12,9 +12,9 @@ the extension's own AVX2 GEMM kernel over W_h packed once per sequence (`Panels`
 than a small step's arithmetic), each step's normalizations, gates and state update in one pass per row: with
 per-sample norms the LSTM loop gives each thread its rows for all steps (no barrier between steps), a training batch
 norm combines its statistics across threads at barriers; tanh(x) = 2σ(2x) − 1 lets one sigmoid cover all four LSTM
-gates (the candidate block of the pre-activations is doubled). Without
-the extension, a Python loop calls oneDNN's GEMM with the weights packed once per sequence and the vendor kernels
-`native_layer_norm`, `_fused_rms_norm` and `native_batch_norm` (and their backward kernels), one per step and norm.
+gates (the candidate block of the pre-activations is doubled). Without the extension, a Python loop calls oneDNN's
+GEMM with the weights packed once per sequence and the vendor kernels `native_layer_norm`, `_fused_rms_norm` and
+`native_batch_norm` (and their backward kernels), one per step and norm.
 The reference path (`fused=False`) defines the result; the tests hold all of them equal.
 """
 
