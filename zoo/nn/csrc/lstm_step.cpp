@@ -452,6 +452,12 @@ void check(const Tensor& t, const Tensor& like, const char* name) {
               name, " must be a contiguous CPU tensor of the input's dtype");
 }
 
+// check() for each of `tensors` against `like` (and `like` itself).
+void check_all(const Tensor& like, std::initializer_list<const Tensor*> tensors) {
+  check(like, like, "the input");
+  for (const Tensor* x : tensors) check(*x, like, "every tensor");
+}
+
 // Rows [r0, r1) of member k of a team of nth threads sharing n rows (or features) as evenly as possible.
 inline std::pair<int64_t, int64_t> share(int64_t n, int64_t nth, int64_t k) {
   const int64_t q = n / nth, rem = n % nth, r0 = k * q + std::min(k, rem);
@@ -666,8 +672,7 @@ void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Te
                   const Tensor& s, const Tensor& c, const Tensor& sc, const Tensor& h, OptT z_save, int64_t t,
                   int64_t off, int64_t prev_off, int64_t bs, int64_t save_off) {
   const int64_t H = c.size(1), G = 4 * H;
-  for (const Tensor* x : std::initializer_list<const Tensor*>{&z, &gscale, &c0, &s, &c, &sc, &h}) check(*x, u, "every tensor");
-  check(u, u, "u");
+  check_all(u, {&z, &gscale, &c0, &s, &c, &sc, &h});
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "lstm_forward_step", [&] {
     using T = scalar_t;
     const LstmForwardRows<T> f(H, z.data_ptr<T>(), mptr_or_null<T>(z_save), s.data_ptr<T>(), sc.data_ptr<T>(),
@@ -762,6 +767,20 @@ struct LstmBackwardRows {
   }
 };
 
+// The backward step's tensors: all against s; z and dz (the gradient of z, or its chunk buffer) with a normalized
+// W_h h, dout when given.
+void check_backward(const Tensor& s, const Tensor& sc, const Tensor& c, const Tensor& c0, const OptT& z,
+                    const OptT& dout, const Tensor& dh_carry, const Tensor& dc_carry, const Tensor& du, const OptT& dz,
+                    const Tensor& work) {
+  check_all(s, {&sc, &c, &c0, &dh_carry, &dc_carry, &du, &work});
+  if (dz.has_value() && dz->defined()) {
+    TORCH_CHECK(z.has_value() && z->defined(), "lstm_step: a normalized W_h h needs z");
+    check(*z, s, "z");
+    check(*dz, s, "dz");
+  }
+  if (dout.has_value() && dout->defined()) check(*dout, s, "dout");
+}
+
 // The backward step t: dh = dh_carry (+ dout rows), written back into dh_carry; du rows; dz (the gradient of
 // z = W_h h_{t-1}, through N_h) into dz_out unless N_h is none (then du's rows are it); dc_carry = dc ⊙ f. work: (bs, H).
 // One pass per row with row-local norms (their gain gradients in per-thread partial sums), else four.
@@ -769,13 +788,8 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
                    OptT z, OptT dout, const Tensor& dh_carry, const Tensor& dc_carry, const Tensor& du, OptT dz_out,
                    const Tensor& work, int64_t t, int64_t off, int64_t prev_off, int64_t bs) {
   const int64_t H = c.size(1), G = 4 * H;
-  for (const Tensor* x : std::initializer_list<const Tensor*>{&sc, &c, &c0, &dh_carry, &dc_carry, &du, &work}) check(*x, s, "every tensor");
+  check_backward(s, sc, c, c0, z, dout, dh_carry, dc_carry, du, dz_out, work);
   const bool dz = dz_out.has_value() && dz_out->defined();  // else N_h is none: du's rows are the gradient of z
-  if (dz) {
-    TORCH_CHECK(z.has_value() && z->defined(), "lstm_step: a normalized W_h h needs z");
-    check(*z, s, "z");
-    check(*dz_out, s, "dz_out");
-  }
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_backward_step", [&] {
     using T = scalar_t;
     const LstmBackwardRows<T> b(H, s.data_ptr<T>(), sc.data_ptr<T>(), c.data_ptr<T>(), c0.data_ptr<T>(),
@@ -824,6 +838,12 @@ constexpr int64_t kPanel = 16, kDepth = 256;  // output features per panel; the 
 constexpr int64_t kAhead = 16;                // panel rows prefetched ahead in the resident order
 constexpr int64_t kResident = 3 << 20;        // bytes of panels per thread above which the streaming order is used
 inline int64_t padded(int64_t N) { return (N + kPanel - 1) / kPanel * kPanel; }  // N features in whole panels
+
+// `panels` is pack_panels' result for a float32 (N, K) weight.
+inline void check_panels(const Tensor& panels, int64_t K, int64_t N) {
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.numel() == K * padded(N), "lstm_step: float32 panels of a (",
+              N, ", ", K, ") weight, not ", panels.numel(), " values of ", panels.scalar_type());
+}
 
 // W (N, K), any strides, float32 -> its panels (K · 16 · ceil(N / 16) floats, in the order above).
 Tensor pack_panels(const Tensor& w) {
@@ -975,8 +995,8 @@ void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, c
               "lstm_step: recurrent GEMM of ", x.sizes(), " by ", weight.sizes(), " into ", out.sizes());
   if (panels.has_value() && panels->defined()) {
     TORCH_CHECK(ZOO_PANEL_KERNEL, "lstm_step: built without the AVX2 panel kernel (see `panel_kernel`)");
-    TORCH_CHECK(x.scalar_type() == at::kFloat && panels->numel() == x.size(1) * ((out.size(1) + kPanel - 1) / kPanel) *
-                    kPanel, "lstm_step: float32 panels packed for this weight");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "lstm_step: panels for float32 only");
+    check_panels(*panels, x.size(1), out.size(1));
 #if ZOO_PANEL_KERNEL
     panels_gemm(x.data_ptr<float>(), x.size(0), x.size(1), panels->data_ptr<float>(), out.size(1),
                 out.data_ptr<float>(), add);
@@ -1057,10 +1077,10 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
   }
 #if ZOO_PANEL_KERNEL
   const int64_t H = c.size(1), G = 4 * H, nth = loop_threads(batch_sizes[0]);
-  for (const Tensor* x : std::initializer_list<const Tensor*>{&h0, &gscale, &c0, &s, &c, &sc, &h}) check(*x, u, "every tensor");
-  check(u, u, "u");
-  TORCH_CHECK(weight.size(0) == G && weight.size(1) == H && panels->numel() == H * padded(G), "lstm_step: W_h of ",
-              weight.sizes(), " for ", H, " hidden features");
+  check_all(u, {&h0, &gscale, &c0, &s, &c, &sc, &h});
+  TORCH_CHECK(weight.size(0) == G && weight.size(1) == H, "lstm_step: W_h of ", weight.sizes(), " for ", H,
+              " hidden features");
+  check_panels(*panels, H, G);
   if (keep_z) check(*z_save, u, "z_save");
   Buffer<float> ones_h, ones_c;
   const auto rh = step_norms(nh, off, steps, train, G, ones_h), rc = step_norms(nc, off, steps, train, H, ones_c);
@@ -1107,15 +1127,10 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT panels_t, co
   }
 #if ZOO_PANEL_KERNEL
   const int64_t H = c.size(1), G = 4 * H, nth = loop_threads(batch_sizes[0]);
-  for (const Tensor* x : std::initializer_list<const Tensor*>{&sc, &c, &c0, &dh_carry, &dc_carry, &du, &work}) check(*x, s, "every tensor");
-  TORCH_CHECK(weight_t.size(0) == H && weight_t.size(1) == G && panels_t->numel() == G * padded(H), "lstm_step: W_h.T of ",
-              weight_t.sizes(), " for ", H, " hidden features");
-  if (chunk) {
-    TORCH_CHECK(z.has_value() && z->defined(), "lstm_step: a normalized W_h h needs z");
-    check(*z, s, "z");
-    check(*dz_buf, s, "dz_buf");
-  }
-  if (dout.has_value() && dout->defined()) check(*dout, s, "dout");
+  check_backward(s, sc, c, c0, z, dout, dh_carry, dc_carry, du, dz_buf, work);
+  TORCH_CHECK(weight_t.size(0) == H && weight_t.size(1) == G, "lstm_step: W_h.T of ", weight_t.sizes(), " for ", H,
+              " hidden features");
+  check_panels(*panels_t, G, H);
   Buffer<float> ones_h, ones_c;
   const int64_t steps = batch_sizes.size();
   const auto rh = step_norms(nh, off, steps, true, G, ones_h), rc = step_norms(nc, off, steps, true, H, ones_c);
@@ -1153,8 +1168,7 @@ void gru_forward_loop(Norm& nrz, Norm& nn, const Tensor& weight, OptT panels, co
                       const Tensor& rz, const Tensor& n, const Tensor& h, OptT a_save,
                       const std::vector<int64_t>& batch_sizes, bool train) {
   const int64_t H = h.size(1), G = 3 * H;
-  for (const Tensor* x : std::initializer_list<const Tensor*>{&h0, &rz, &n, &h}) check(*x, u, "every tensor");
-  check(u, u, "u");
+  check_all(u, {&h0, &rz, &n, &h});
   const bool save = a_save.has_value() && a_save->defined();
   if (save) check(*a_save, u, "a_save");
   const auto off = offsets_of(batch_sizes);
@@ -1205,8 +1219,7 @@ void gru_backward_loop(Norm& nrz, Norm& nn, const Tensor& weight_t, OptT panels_
                        const Tensor& dh_carry, const Tensor& du, const Tensor& da_buf, OptT dbhn,
                        const Tensor& work, const std::vector<int64_t>& batch_sizes, int64_t t_lo, int64_t t_hi) {
   const int64_t H = h.size(1), G = 3 * H;
-  for (const Tensor* x : std::initializer_list<const Tensor*>{&h0, &rz, &n, &a, &dh_carry, &du, &da_buf, &work})
-    check(*x, h, "every tensor");
+  check_all(h, {&h0, &rz, &n, &a, &dh_carry, &du, &da_buf, &work});
   const bool dsum = dbhn.has_value() && dbhn->defined();
   const bool dgiven = dout.has_value() && dout->defined();
   if (dgiven) check(*dout, h, "dout");
