@@ -249,14 +249,33 @@ def test_input_norm_kernel_equals_module(index, shift, proj, training, block, mo
 
 
 def test_input_norm_recomputes_a_narrow_projection() -> None:
-    """A narrow input's projection is not saved for backward (the input and the weights are); a wide one's is."""
+    """A narrow input's projection is not saved for backward (the input and the weights are) unless
+    ``keep_projection``; a wide one's is."""
     ln = torch.nn.LayerNorm(16)
-    for width, kept in ((2, None), (3, (T * B, 16))):
+    for width, keep, kept in ((2, False, None), (2, True, (T * B, 16)), (3, False, (T * B, 16))):
         y = fused_module.normalize_input(
-            ln, torch.randn(T, B, width), torch.randn(16, width, requires_grad=True), None, None
+            ln, torch.randn(T, B, width), torch.randn(16, width, requires_grad=True), None, None, keep
         )
         shapes = [None if t is None else tuple(t.shape) for t in y.grad_fn.saved_tensors]
         assert shapes == [(T, B, width), (16, width), kept]
+
+
+@pytest.mark.parametrize("variant", ["ln_lstm", "rms_lstm", "bn_lstm", "ln_gru"])
+def test_lstm_cells_keep_their_input_projection(variant: str) -> None:
+    """The LSTM cells hold W_x x for backward even for a narrow input (faster); the GRU recomputes it."""
+    options = {"max_steps": T} if "max_steps" in zoo.nn.get_variant(variant).options else {}
+    rnn = zoo.nn.RNN(variant, 2, 16, **options)  # 8 · 2 <= the 16 to 64 features of a gate block: narrow
+    out, _ = rnn(torch.randn(T, B, 2))
+    nodes, seen = [out.grad_fn], []
+    while nodes:
+        node = nodes.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            nodes += [n for n, _ in node.next_functions]
+    inputs = [n for n in seen if type(n).__name__ == "_InputNormBackward"]
+    assert inputs
+    saved = [n.saved_tensors[2] is not None for n in inputs]
+    assert saved == [variant.endswith("lstm")] * len(inputs)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -189,7 +189,7 @@ class _NormalizedLSTMCell(LSTMCell):
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
         if self.fused and self.input_norm() is not None:  # N(W_x x) + b in one node, where it applies
-            u = normalize_input(self.input_norm(), x, self.weight_ih, self.bias, mask)
+            u = normalize_input(self.input_norm(), x, self.weight_ih, self.bias, mask, keep_projection=True)
             if u is not None:
                 return u
         u = self.norm_ih(linear(x, self.weight_ih), mask)

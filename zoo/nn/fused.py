@@ -329,7 +329,12 @@ class StepNorm:
 
 
 def normalize_input(
-    module: nn.Module, x: Tensor, proj: Tensor | None, shift: Tensor | None, mask: Tensor | None
+    module: nn.Module,
+    x: Tensor,
+    proj: Tensor | None,
+    shift: Tensor | None,
+    mask: Tensor | None,
+    keep_projection: bool = False,
 ) -> Tensor | None:
     """``module(x @ proj.T) + shift`` (``proj`` None: ``module(x) + shift``) for the input term of all steps, ``x``
     ``(T, B, ·)``, in one autograd node whose normalization is one compiled pass each way.
@@ -338,7 +343,9 @@ def normalize_input(
     (``mask`` None) or synchronization; elsewhere (and without the compiled extension) it returns None and the caller
     runs the module. The shift (the cell's bias) is added inside the normalization's pass. Where the input is narrow (at
     most an eighth of the projection's width, as a first layer usually is) the projection is not kept for backward but
-    recomputed there, a block at a time: GEMMs of a few rows instead of a (T, B, 4H) tensor held through the backward.
+    recomputed there, a block at a time: GEMMs of a few rows instead of a (T, B, 4H) tensor held through the backward,
+    unless ``keep_projection`` (the LSTM cells: their training steps were 1-4% faster with it at every shape of
+    ``benchmarks/speed.py``, for one tensor of the projection's size more).
     """
     norm = StepNorm(module)
     if norm.kind == "bn":
@@ -354,7 +361,7 @@ def normalize_input(
         return None
     if norm.bias is not None:
         shift = norm.bias if shift is None else norm.bias + shift
-    recompute = proj is not None and 8 * proj.shape[1] <= proj.shape[0]
+    recompute = proj is not None and not keep_projection and 8 * proj.shape[1] <= proj.shape[0]
     return _InputNorm.apply(x, proj, norm.weight, shift, norm, ext, recompute)
 
 
