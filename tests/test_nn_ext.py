@@ -48,15 +48,17 @@ def extension():
 
 
 class Spy:
-    """Counts the calls of the compiled forward and backward loops (LSTM and GRU)."""
+    """Counts the calls of the compiled forward and backward loops (LSTM and GRU), and the forward calls in inference
+    mode (the LSTM's ``s``, the GRU's ``a_all`` not kept)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.forward = self.backward = 0
-        for cls in (fused_module.FusedLSTM, fused_module.FusedGRU):
+        self.forward = self.backward = self.inference = 0
+        for cls, saved in ((fused_module.FusedLSTM, 11), (fused_module.FusedGRU, 10)):
             fwd, bwd = cls._forward_ext, cls._backward_ext
 
-            def forward(*args, fwd=fwd):
+            def forward(*args, fwd=fwd, saved=saved):
                 self.forward += 1
+                self.inference += args[saved] is None
                 return fwd(*args)
 
             def backward(*args, bwd=bwd):
@@ -124,16 +126,19 @@ def test_extension_equals_python_and_steps(variant, options, training, lengths, 
                 assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)
-def test_extension_inference_equals_steps(variant, options, training, monkeypatch) -> None:
-    """Under `torch.no_grad` the compiled step's inference mode (no saved tensors) gives the same results."""
-    base = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, **options).double()
-    base.train()(torch.randn(T, B, IN, dtype=torch.float64), lengths=LENGTHS)
+def test_extension_inference_equals_steps(variant, options, training, dtype, monkeypatch) -> None:
+    """Under `torch.no_grad` (parameters that require grad) the compiled loops run in inference mode (no saved
+    tensors) and give the step-by-step engine's results."""
+    torch.manual_seed(0)
+    base = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, **options).to(dtype)
+    base.train()(torch.randn(T, B, IN, dtype=dtype), lengths=LENGTHS)
     steps = copy.deepcopy(base)
     steps.fused = False
-    x = torch.randn(T, B, IN, dtype=torch.float64)
-    state = tuple(torch.randn(4, B, H, dtype=torch.float64) for _ in range(states(variant)))
+    x = torch.randn(T, B, IN, dtype=dtype)
+    state = tuple(torch.randn(4, B, H, dtype=dtype) for _ in range(states(variant)))
     state = state if len(state) > 1 else state[0]
     spy = Spy(monkeypatch)
     results = []
@@ -142,8 +147,15 @@ def test_extension_inference_equals_steps(variant, options, training, monkeypatc
         with torch.no_grad():
             out, final = rnn(x, state, lengths=LENGTHS)
         results.append((out, final, [b.clone() for b in rnn.buffers()]))
-    assert spy.forward == (0 if base.cells[0].native else 4) and spy.backward == 0
-    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-10)
+    calls = 0 if base.cells[0].native else 4
+    assert spy.forward == spy.inference == calls and spy.backward == 0
+    if dtype == torch.float64:
+        torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-10)
+    else:  # float32: as test_extension_equals_python_and_steps
+        (out, final, buffers), (rout, rfinal, rbuffers) = results
+        final, rfinal = (final, rfinal) if isinstance(final, tuple) else ((final,), (rfinal,))
+        for a, b in zip([out, *final, *buffers], [rout, *rfinal, *rbuffers], strict=True):
+            assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -292,7 +304,7 @@ def test_input_norm_kernel_gradcheck(index: int, training: bool) -> None:
     norm = fused_module.StepNorm(module)  # the kind, eps and running statistics; the gain is gradcheck's input
 
     def f(x, b, weight):
-        return fused_module._InputNorm.apply(x, None, weight, b, norm, _ext.load(), False)
+        return fused_module._InputNorm.apply(x, None, weight, b, norm, _ext.load(), False, True)
 
     assert torch.autograd.gradcheck(f, (x, b, weight))
 

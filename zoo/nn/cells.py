@@ -214,7 +214,8 @@ class _NormalizedLSTMCell(LSTMCell):
         mh, mc = self.recurrent_norms()
         nh = StepNorm(mh, scale=candidate_scale(self.hidden_size, u))
         nc = StepNorm(mc, scale=u.new_full((self.hidden_size,), 2.0))
-        out, h, c = FusedLSTM.apply(u, *state, self.weight_hh, *nh.params(), *nc.params(), layout, nh, nc)
+        grad = torch.is_grad_enabled()
+        out, h, c = FusedLSTM.apply(u, *state, self.weight_hh, *nh.params(), *nc.params(), layout, nh, nc, grad)
         return out, (h, c)
 
 
@@ -522,7 +523,10 @@ class LNGRUCell(GRUCell):
         """The recurrence with a hand-written backward (`zoo.nn.fused.FusedGRU`), on packed rows."""
         b_hn = None if self.bias_hh is None else self.bias_hh[2 * self.hidden_size :]  # (the r, z part is in u)
         n_rz, n_n = StepNorm(self.ln_hh_rz), StepNorm(self.ln_hh_n, shift=b_hn)
-        out, h = FusedGRU.apply(u, state[0], self.weight_hh, b_hn, *n_rz.params(), *n_n.params(), layout, n_rz, n_n)
+        grad = torch.is_grad_enabled()
+        out, h = FusedGRU.apply(
+            u, state[0], self.weight_hh, b_hn, *n_rz.params(), *n_n.params(), layout, n_rz, n_n, grad
+        )
         return out, (h,)
 
 

@@ -362,7 +362,7 @@ def normalize_input(
     if norm.bias is not None:
         shift = norm.bias if shift is None else norm.bias + shift
     recompute = proj is not None and not keep_projection and 8 * proj.shape[1] <= proj.shape[0]
-    return _InputNorm.apply(x, proj, norm.weight, shift, norm, ext, recompute)
+    return _InputNorm.apply(x, proj, norm.weight, shift, norm, ext, recompute, torch.is_grad_enabled())
 
 
 class _InputNorm(torch.autograd.Function):
@@ -372,7 +372,7 @@ class _InputNorm(torch.autograd.Function):
     statistics span all rows."""
 
     @staticmethod
-    def forward(ctx, x, proj, weight, shift, norm: StepNorm, ext, recompute: bool):
+    def forward(ctx, x, proj, weight, shift, norm: StepNorm, ext, recompute: bool, grad: bool):
         steps, batch = x.shape[:2]
         rows = x.view(steps * batch, x.shape[2])
         features = rows.shape[1] if proj is None else proj.shape[0]
@@ -398,7 +398,8 @@ class _InputNorm(torch.autograd.Function):
             n.fb = -n.mean * n.fw if shift is None else shift - n.mean * n.fw
         ctx.blocked = proj is not None and (n.kind != 3 or groups > 1)  # (not a batch norm's statistics of all rows)
         if ctx.blocked:
-            p = None if recompute else x.new_empty(rows.shape[0], features)
+            keep = not recompute and recording(ctx, grad)  # (inference: no projection to keep)
+            p = x.new_empty(rows.shape[0], features) if keep else None
             y = x.new_empty(steps, batch, features)
             packed = _InputNorm.block_weight(proj, rows.shape[0], batch)
             ext.norm_rows_project(n, rows, proj, packed, y.view(-1, features), groups, p, BLOCK)
@@ -558,6 +559,13 @@ def candidate_scale(hidden: int, like: Tensor) -> Tensor:
     return scale
 
 
+def recording(ctx, grad: bool) -> bool:
+    """Whether a `torch.autograd.Function` call records its backward: ``grad`` is `torch.is_grad_enabled` at the call
+    (always off inside ``forward``), and ``ctx.needs_input_grad`` follows the inputs' ``requires_grad`` alone, under
+    `torch.no_grad` and `torch.inference_mode` too."""
+    return grad and any(ctx.needs_input_grad)
+
+
 def _grads(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
     """One gradient per input of the forward: None for those that need none and for the non-tensor inputs."""
     grads = grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
@@ -574,7 +582,7 @@ class FusedLSTM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, h0, c0, w_hh, wh, bh, wc, bc, layout: Layout, norm_h: StepNorm, norm_c: StepNorm):
+    def forward(ctx, u, h0, c0, w_hh, wh, bh, wc, bc, layout: Layout, norm_h: StepNorm, norm_c: StepNorm, grad: bool):
         n, hidden = u.shape[0], h0.shape[1]
         steps = len(layout.batch_sizes)
         norm_h.start(steps, u)
@@ -583,7 +591,7 @@ class FusedLSTM(torch.autograd.Function):
         weight = w_hh * gscale.unsqueeze(1) if norm_h.kind == "none" else w_hh
         ext = _extension(u, h0, c0, w_hh, norm_h, norm_c)
         lin = Linear(weight, layout.batch_sizes[0]) if ext is None else Panels(ext, weight)
-        train = any(ctx.needs_input_grad)  # else inference: keep only what the next step reads
+        train = recording(ctx, grad)  # else inference: keep only what the next step reads
         h, c = u.new_empty(n, hidden), u.new_empty(n, hidden)
         s = torch.empty_like(u) if train else None  # σ of the pre-activations (the candidate block: σ(2g))
         sc = u.new_empty(n, hidden) if train else None  # σ(2 N_c(c_t)), so that tanh(N_c(c_t)) = 2 sc − 1
@@ -716,12 +724,14 @@ class FusedGRU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, h0, w_hh, b_hn, w_rz, b_rz, w_n, b_n, layout: Layout, norm_rz: StepNorm, norm_n: StepNorm):
+    def forward(
+        ctx, u, h0, w_hh, b_hn, w_rz, b_rz, w_n, b_n, layout: Layout, norm_rz: StepNorm, norm_n: StepNorm, grad: bool
+    ):
         n_rows, hidden = u.shape[0], h0.shape[1]
         steps, first = len(layout.batch_sizes), layout.batch_sizes[0]
         norm_rz.start(steps, u)
         norm_n.start(steps, u)
-        train = any(ctx.needs_input_grad)  # else inference: keep only what the next step reads
+        train = recording(ctx, grad)  # else inference: keep only what the next step reads
         row_local = "bn" not in (norm_rz.kind, norm_n.kind)
         ext = _extension(u, h0, w_hh, norm_rz, norm_n) if row_local else None
         lin = Linear(w_hh, first) if ext is None else Panels(ext, w_hh)
