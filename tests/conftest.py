@@ -1,4 +1,6 @@
-"""Shared fixtures: a fixed seed for every test, each `zoo.nn` variant, one thread for the `zoo.nn` tests."""
+"""Shared fixtures: a fixed seed for every test, each `zoo.nn` variant, one thread for the `zoo.nn` tests, and the
+device of the fused-path tests (``pytest tests/test_nn_fused.py --device cuda`` checks the fused path against the
+step-by-step engine on a GPU; the default is the CPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,27 @@ import torch
 import zoo.nn
 
 VARIANTS = [v.name for v in zoo.nn.list_variants()]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="device of the fused-path tests (cpu, cuda, cuda:1, ...)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        device = torch.device(config.getoption("--device"))
+    except RuntimeError as e:
+        raise pytest.UsageError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: this torch build or machine has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device {device}: the tests run on cpu or cuda")
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The ``--device`` the fused-path tests run on."""
+    return torch.device(request.config.getoption("--device"))
 
 
 @pytest.fixture(autouse=True)

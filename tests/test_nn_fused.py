@@ -3,7 +3,8 @@
 The step-by-step engine is checked against the papers' equations in test_nn_reference.py and its gradients are
 autograd's; here every variant's fused path must give the same outputs, final states, running statistics and the same
 gradients with respect to every parameter, the input and the initial state (float64, padded batch, 2 layers,
-bidirectional).
+bidirectional). They run on the CPU, or on the device of ``--device`` (``pytest tests/test_nn_fused.py --device
+cuda``: there the fused path is the Python loop over vendor kernels, the compiled loops being CPU-only).
 """
 
 from __future__ import annotations
@@ -23,47 +24,59 @@ VARIANTS = [v.name for v in zoo.nn.list_variants()]
 CASES = [(v, {}) for v in VARIANTS] + [("bn_indrnn", {"bn_placement": "output"})]
 
 
+def randn(*shape: int, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Normal samples drawn on the CPU (the same numbers whatever the device), then moved to ``device``."""
+    return torch.randn(*shape, dtype=dtype).to(device)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=[v + "-" + "-".join(o.values()) for v, o in CASES])
-def test_fused_equals_step_by_step(variant: str, options: dict, training: bool, lengths: bool, bias: bool) -> None:
-    check_fused(variant, options, training, lengths, bias)
+def test_fused_equals_step_by_step(
+    variant: str, options: dict, training: bool, lengths: bool, bias: bool, device: torch.device
+) -> None:
+    check_fused(variant, options, training, lengths, bias, device)
 
 
 @pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fused_weight_gradient_in_chunks(variant: str, lengths: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_weight_gradient_in_chunks(
+    variant: str, lengths: bool, monkeypatch: pytest.MonkeyPatch, device: torch.device
+) -> None:
     """The W_h gradient taken in chunks of a few steps (`OuterSum` with 5 rows; batch sizes 4, 3, 3, 2, 1 when
     padded) equals the step-by-step engine's."""
     monkeypatch.setattr(zoo.nn.fused.OuterSum.__init__, "__defaults__", (5,))
-    check_fused(variant, {}, True, lengths, True)
+    check_fused(variant, {}, True, lengths, True, device)
 
 
 @pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=[v + "-" + "-".join(o.values()) for v, o in CASES])
-def test_fused_in_small_blocks(variant: str, options: dict, lengths: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_in_small_blocks(
+    variant: str, options: dict, lengths: bool, monkeypatch: pytest.MonkeyPatch, device: torch.device
+) -> None:
     """Work done a block at a time (the input term's projection and norm, IndRNN's dw over a few steps at a time)
     with blocks of 16 elements, so that every pass has several: the same results as the step-by-step engine."""
     monkeypatch.setattr(zoo.nn.fused, "BLOCK", 16)
-    check_fused(variant, options, True, lengths, True)
+    check_fused(variant, options, True, lengths, True, device)
 
 
-def check_fused(variant: str, options: dict, training: bool, lengths: bool, bias: bool) -> None:
+def check_fused(variant: str, options: dict, training: bool, lengths: bool, bias: bool, device: torch.device) -> None:
     """The fused and step-by-step engines of one model: outputs, final states, every gradient, the buffers."""
-    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, bias=bias, fused=True, **options).double()
+    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, bias=bias, fused=True, **options)
+    fused = fused.to(device, torch.float64)
     if not bias:  # only the normalizations' own shifts remain
         assert all(".bias" not in n or n.split(".")[-2].startswith(("ln", "bn")) for n, _ in fused.named_parameters())
     with torch.no_grad():
         for p in fused.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    fused.train()(torch.randn(T, B, IN, dtype=torch.float64), lengths=LENGTHS)  # running statistics away from (0, 1)
+            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype).to(device))
+    fused.train()(randn(T, B, IN, device=device), lengths=LENGTHS)  # running statistics away from (0, 1)
     steps = copy.deepcopy(fused)
     steps.fused = False
     assert fused.fused and not steps.fused
-    x = torch.randn(T, B, IN, dtype=torch.float64)
-    state = [torch.randn(4, B, H, dtype=torch.float64) for _ in range(fused.state_size)]
-    proj = torch.randn(T, B, 2 * H, dtype=torch.float64)
+    x = randn(T, B, IN, device=device)
+    state = [randn(4, B, H, device=device) for _ in range(fused.state_size)]
+    proj = randn(T, B, 2 * H, device=device)
     results = []
     for rnn in (fused, steps):
         rnn.train(training)
@@ -85,18 +98,18 @@ def check_fused(variant: str, options: dict, training: bool, lengths: bool, bias
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fused_float32_matches_float64(variant: str, training: bool) -> None:
+def test_fused_float32_matches_float64(variant: str, training: bool, device: torch.device) -> None:
     """In float32 (oneDNN's prepacked GEMM, tanh through a sigmoid) the fused path stays at float32 precision.
 
     The yardstick is the float64 step-by-step result; every gradient tensor within 5e-4 of its norm (float32 results of
     either engine are about 1e-7 to 7e-5 off at these sizes).
     """
-    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True)
-    fused.train()(torch.randn(T, B, IN), lengths=LENGTHS)
+    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True).to(device)
+    fused.train()(randn(T, B, IN, device=device, dtype=torch.float32), lengths=LENGTHS)
     exact = copy.deepcopy(fused).double()
     exact.fused = False
-    x = torch.randn(T, B, IN)
-    proj = torch.randn(T, B, 2 * H)
+    x = randn(T, B, IN, device=device, dtype=torch.float32)
+    proj = randn(T, B, 2 * H, device=device, dtype=torch.float32)
     results = []
     for rnn in (fused, exact):
         rnn.train(training)
@@ -116,15 +129,17 @@ def test_fused_float32_matches_float64(variant: str, training: bool) -> None:
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=[v + "-" + "-".join(o.values()) for v, o in CASES])
-def test_fused_without_gradients_equals_step_by_step(variant: str, options: dict, training: bool) -> None:
+def test_fused_without_gradients_equals_step_by_step(
+    variant: str, options: dict, training: bool, device: torch.device
+) -> None:
     """Under `torch.no_grad` (and with frozen parameters) the fused path's inference mode gives the same results."""
-    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, **options).double()
-    fused.train()(torch.randn(T, B, IN, dtype=torch.float64), lengths=LENGTHS)
+    fused = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True, **options).to(device, torch.float64)
+    fused.train()(randn(T, B, IN, device=device), lengths=LENGTHS)
     steps = copy.deepcopy(fused)
     steps.fused = False
     frozen = copy.deepcopy(fused).requires_grad_(False)
-    x = torch.randn(T, B, IN, dtype=torch.float64)
-    state = tuple(torch.randn(4, B, H, dtype=torch.float64) for _ in range(fused.state_size))
+    x = randn(T, B, IN, device=device)
+    state = tuple(randn(4, B, H, device=device) for _ in range(fused.state_size))
     state = state if len(state) == 2 else state[0]
     results = []
     for rnn in (fused, frozen, steps):
