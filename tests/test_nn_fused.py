@@ -69,7 +69,7 @@ def check_fused(variant: str, options: dict, training: bool, lengths: bool, bias
         assert all(".bias" not in n or n.split(".")[-2].startswith(("ln", "bn")) for n, _ in fused.named_parameters())
     with torch.no_grad():
         for p in fused.parameters():
-            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype).to(device))
+            p.add_(0.3 * randn(*p.shape, device=device))
     fused.train()(randn(T, B, IN, device=device), lengths=LENGTHS)  # running statistics away from (0, 1)
     steps = copy.deepcopy(fused)
     steps.fused = False
