@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from zoo import hub
 from zoo.callbacks import ExactResume
+from zoo.checkpoints import check_ckpt_path
 from zoo.models.base import RecurrentModule
 
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
@@ -64,6 +65,8 @@ class ZooCLI(LightningCLI):
     - ``checkpoint.*`` configures the ModelCheckpoint, which keeps the best checkpoint on the model's own validation
       metric (``monitor`` / ``monitor_mode`` of the model class: ``val/bpc`` min, ``val/acc`` max, ...) and the last.
     - `ExactResume` makes a resumed fit continue exactly; a LearningRateMonitor is added whenever there is a logger.
+    - Every checkpoint is read weights-only (``--weights_only false`` is refused), a remote one too, and
+      ``--ckpt_path`` is read before any work starts (`zoo.checkpoints`).
     - ``predict`` saves the model's outputs to ``<root>/<name>/predictions.pt`` (on the test split when the
       DataModule has no predict split).
     - ``--test_after_fit true`` tests the best checkpoint when fit ends and prints its path and the test metrics.
@@ -149,6 +152,8 @@ class ZooCLI(LightningCLI):
             cfg.checkpoint.mode = model_cls.monitor_mode
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(root / name / "checkpoints")
+        if self.subcommand and cfg.get("ckpt_path") == "last":  # resuming reads the run's last.ckpt
+            check_ckpt_path("last", last=Path(cfg.checkpoint.dirpath) / "last.ckpt")
         logger = cfg.trainer.logger
         if logger is True or logger is None:
             cfg.trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=str(root), name=name))
@@ -160,6 +165,24 @@ class ZooCLI(LightningCLI):
                 logger.init_args.save_dir = os.environ.get("WANDB_DIR", str(root))
             if logger.init_args.get("name") is None:
                 logger.init_args.name = name
+
+    def _parse_ckpt_path(self) -> None:
+        """Have the Trainer read every checkpoint weights-only and read ``--ckpt_path`` now (`zoo.checkpoints`), so
+        that a checkpoint that is missing, corrupt or carries code stops the command before any work starts; then
+        Lightning's own step (the checkpoint's hyperparameters into the config)."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            cfg = self.config[subcommand]
+            if cfg.get("weights_only") is False:
+                raise ValueError(
+                    "--weights_only false is refused: a full pickle can run code when it is loaded, so the zoo reads "
+                    "checkpoints weights-only (see SECURITY.md)"
+                )
+            cfg.weights_only = True
+            ckpt_path = cfg.get("ckpt_path")
+            if isinstance(ckpt_path, str) and not ckpt_path.startswith(PRETRAINED):
+                check_ckpt_path(ckpt_path)
+        super()._parse_ckpt_path()
 
     def after_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

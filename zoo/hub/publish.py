@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import zoo
+from zoo.checkpoints import load_checkpoint
 from zoo.data import sha256sum
 from zoo.models import RecurrentModule
 
@@ -143,15 +144,16 @@ def export(
 ) -> ModelCard:
     """Write the published files of a Lightning checkpoint to ``directory`` and return its card.
 
-    The checkpoint is read with ``weights_only=True``. ``config`` is the run's resolved ``config.yaml`` (found beside
-    the run by default, see `find_run_config`). The card's metrics are measured here: the exported model is read back
-    from ``directory`` and tested on the config's data (``data_overrides`` change its init args, e.g. ``data_dir``).
+    The checkpoint is read weights-only (`zoo.checkpoints.load_checkpoint`). ``config`` is the run's resolved
+    ``config.yaml`` (found beside the run by default, see `find_run_config`). The card's metrics are measured here: the
+    exported model is read back from ``directory`` and tested on the config's data (``data_overrides`` change its init
+    args, e.g. ``data_dir``).
     ``training_time_s`` is the wall time of the training command; without it, the time up to the checkpoint that a
     Timer callback recorded in it (Lightning writes a best checkpoint when the metric improves, so this can be less
     than the whole run). The hardware is this machine unless ``hardware`` is given.
     """
     checkpoint, directory = Path(checkpoint), Path(directory)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     config_path = Path(config) if config else find_run_config(checkpoint)
     training_config = yaml.safe_load(config_path.read_text())
     hparams = dict(ckpt["hyper_parameters"])

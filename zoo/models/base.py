@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import IO, Any
 
 import lightning as L
 
+from zoo.checkpoints import load_checkpoint
 from zoo.nn import RNN, get_variant
 
 
@@ -65,6 +67,27 @@ class RecurrentModule(L.LightningModule):
 
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> RecurrentModule:
+        """Lightning's ``load_from_checkpoint``, weights only whatever the source (a URL too): the checkpoint is read
+        first with `zoo.checkpoints.load_checkpoint`, whose `CheckpointError` names a missing, corrupt or
+        code-carrying file; ``weights_only=False`` is refused."""
+        if weights_only is not True:
+            raise ValueError("weights_only=False is refused: a full pickle can run code (see SECURITY.md)")
+        if not hasattr(checkpoint_path, "read"):
+            load_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+        )
 
     @property
     def variant(self) -> str:
