@@ -18,7 +18,8 @@ WORKDIR /workspace/zoo
 # Dependencies first (a layer that changes only with pyproject.toml), then the code.
 COPY pyproject.toml README.md ./
 COPY zoo ./zoo
-# The fused LSTM's C++ step (CPU only; the runtime image may lack a compiler: then the Python loop runs).
+# The fused recurrences' C++ loops (CPU only), one build per instruction-set level (x86-64 baseline, AVX2, AVX-512):
+# the image runs the best one on whatever CPU it lands on. A runtime image without a compiler runs the Python loop.
 ENV ZOO_EXT_DIR=/opt/zoo-ext
 RUN pip install . \
     && (python -m zoo.nn.build || echo "zoo.nn.build failed: the fused LSTM and GRU run their Python loops") \

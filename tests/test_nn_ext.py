@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,8 +45,11 @@ def extension():
         pytest.skip("ZOO_NO_EXT is set: the compiled loops are disabled")
     if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++")):
         pytest.skip("no C++ compiler: the compiled loops cannot be built")
-    module = _ext.load(build=True)
+    if not _ext.library().is_file():
+        _ext.build(_ext.cpu_level())
+    module = _ext.load()
     assert module is not None and fused_module.extension_available()
+    assert _ext.loaded_level() == _ext.cpu_level()  # (ZOO_EXT_ISA runs this module on a lower level's build)
     return module
 
 
@@ -198,11 +204,60 @@ def test_load_never_compiles(monkeypatch, tmp_path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-def test_a_build_for_another_cpu_is_never_loaded(monkeypatch) -> None:
-    """The cache folder depends on the CPU (the build uses -march=native): another CPU looks elsewhere."""
-    here = _ext.build_directory()
-    monkeypatch.setattr(_ext, "cpu_identity", lambda: "model name : an older CPU\nflags : sse sse2")
-    assert _ext.build_directory() != here and _ext.build_directory().parent == here.parent
+def test_the_cpu_level_follows_torch_and_zoo_ext_isa_only_lowers_it(monkeypatch) -> None:
+    """The level is PyTorch's own dispatch level; ``ZOO_EXT_ISA`` may lower it, not raise it or name an unknown one."""
+    known = list(_ext.levels())
+    for capability, level in [("AVX512", "avx512"), ("AVX2", "avx2"), ("DEFAULT", "baseline")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert _ext.cpu_level() == (level if level in known else "baseline")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setenv("ZOO_EXT_ISA", known[0])
+    if known[0] != "baseline":
+        with pytest.raises(ValueError, match="this CPU runs 'baseline' at most"):
+            _ext.cpu_level()
+    monkeypatch.setenv("ZOO_EXT_ISA", "sse9")
+    with pytest.raises(ValueError, match="ZOO_EXT_ISA='sse9'"):
+        _ext.cpu_level()
+
+
+def test_a_missing_build_or_a_lower_one_is_said_once(monkeypatch, tmp_path, caplog) -> None:
+    """No build: the Python loop runs and the log says so once, with the command; where the CPU's own level is
+    missing and a lower one is built, the lower one runs, said once."""
+    known = list(_ext.levels())
+    lowest = _ext.library(known[-1])
+    if not lowest.is_file():
+        _ext.build(known[-1])
+    monkeypatch.setenv("ZOO_EXT_DIR", str(tmp_path))
+    monkeypatch.setattr(_ext, "_said", set())
+    monkeypatch.setattr(_ext, "_loaded", {})
+    with caplog.at_level("WARNING", logger="zoo.nn"):
+        assert _ext.load() is None and _ext.load() is None
+    assert [r.message.count("python -m zoo.nn.build") for r in caplog.records] == [1]
+    if _ext.cpu_level() == known[-1]:
+        return
+    _ext.library(known[-1]).parent.mkdir(parents=True)
+    shutil.copy(lowest, _ext.library(known[-1]))
+    monkeypatch.setattr(_ext, "_loaded", {})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="zoo.nn"):
+        assert _ext.load() is not None and _ext.load() is not None and _ext.loaded_level() == known[-1]
+    assert len(caplog.records) == 1 and f"their {known[-1]!r} build" in caplog.records[0].message
+
+
+@pytest.mark.parametrize("level", [lv for lv in _ext.levels() if lv != _ext.cpu_level()])
+def test_every_other_built_level_equals_the_python_loop(level: str) -> None:
+    """The builds for the lower levels this CPU runs (e.g. avx2 and baseline on an AVX-512 CPU) pass the same checks,
+    in a child process that ``ZOO_EXT_ISA`` points at them (one level's module per process)."""
+    known = list(_ext.levels())
+    if known.index(level) < known.index(_ext.cpu_level()):
+        pytest.skip(f"this CPU cannot run the {level!r} build")
+    if not _ext.library(level).is_file():
+        _ext.build(level)
+    env = {**os.environ, "ZOO_EXT_ISA": level}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-k", "equals_python_and_steps"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert re.search(r"\b[1-9]\d* passed", done.stdout), done.stdout[-500:]
 
 
 def _input_norms() -> list[tuple[str, torch.nn.Module]]:

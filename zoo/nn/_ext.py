@@ -1,17 +1,25 @@
-"""The compiled step of the fused LSTM recurrence (``zoo/nn/csrc/lstm_step.cpp``): build it, and load it if built.
+"""The compiled loops of the fused recurrences (``zoo/nn/csrc/lstm_step.cpp``): build them, and load the build that
+fits this CPU.
 
-`load` never compiles unless asked (``build=True``, as ``python -m zoo.nn.build`` does): at run time the fused path
-uses the extension only when its shared library is already in the cache, so a layer's first call never waits a
-minute for the compiler. The cache is ``$ZOO_EXT_DIR/ext-<torch version>-<hash>`` (default root ``~/.cache/zoo``),
-the hash covering the source, the compiler flags and the CPU (its model and instruction-set flags: the build uses
-``-march=native``), so a changed source, another torch or a cache (or image) built on another CPU never loads.
-``ZOO_NO_EXT=1`` disables the extension (the Python loop runs).
+The source is compiled once per instruction-set level, with no ``-march=native`` and no ``-ffast-math``: on x86-64
+``avx512`` (``-march=x86-64-v4``), ``avx2`` (``x86-64-v3``: AVX2, FMA) and ``baseline`` (the compiler's default
+x86-64); elsewhere ``baseline`` alone. At run time `load` picks the highest level that the CPU has and that is
+built, the level PyTorch itself dispatches to (``torch.backends.cpu.get_cpu_capability()``), so one cache, wheel or
+Docker image serves every CPU. ``ZOO_EXT_ISA=avx2`` (or ``baseline``) forces a lower level, e.g. to measure an
+AVX2-only setting on an AVX-512 machine.
+
+`load` never compiles unless asked (``build=True``, as ``python -m zoo.nn.build`` does): a layer's first call never
+waits a minute for the compiler. The cache is ``$ZOO_EXT_DIR/ext-<torch version>-<hash>/<level>/`` (default root
+``~/.cache/zoo``), the hash covering the source and the flags. ``ZOO_NO_EXT=1`` disables the extension (the Python
+loop runs). A missing build, or a run on a lower level than the CPU has, is logged once with the command that builds
+it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
 from pathlib import Path
@@ -21,11 +29,16 @@ import torch
 
 NAME = "zoo_lstm_step"
 SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # -ffast-math: glibc's vector expf (libmvec)
+CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
+X86_LEVELS = {"avx512": ["-march=x86-64-v4"], "avx2": ["-march=x86-64-v3"], "baseline": []}  # best first
+CAPABILITY = {"AVX512": "avx512", "AVX2": "avx2"}  # torch's CPU capability -> the level that runs on it
+BUILD_COMMAND = "python -m zoo.nn.build"
 
+log = logging.getLogger("zoo.nn")
 _loaded: dict[str, ModuleType | None] = {}
-_libraries: dict[str, Path] = {}  # ZOO_EXT_DIR -> `library()`: hashing the source costs ~0.3 ms, paid once
+_directories: dict[str, Path] = {}  # ZOO_EXT_DIR -> `build_directory()`: hashing the source costs ~0.3 ms, paid once
+_said: set[str] = set()
 
 
 def disabled() -> bool:
@@ -33,59 +46,102 @@ def disabled() -> bool:
     return os.environ.get("ZOO_NO_EXT", "") not in ("", "0")
 
 
-def cpu_identity() -> str:
-    """The CPU's model and instruction-set flags (Linux: the first processor of /proc/cpuinfo), else its name."""
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        first = info.read_text().split("\n\n", 1)[0]
-        keep = ("model name", "flags", "Features", "CPU implementer", "CPU part")
-        return "\n".join(line for line in first.splitlines() if line.split(":", 1)[0].strip() in keep)
-    return f"{platform.machine()} {platform.processor()}"
+def levels() -> dict[str, list[str]]:
+    """The instruction-set levels this machine's compiler builds, best first, with their extra flags."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return dict(X86_LEVELS)
+    return {"baseline": []}
+
+
+def cpu_level() -> str:
+    """The best level this CPU runs: PyTorch's own dispatch level, lowered by ``ZOO_EXT_ISA`` (never raised)."""
+    known = list(levels())
+    best = CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), "baseline")
+    best = best if best in known else "baseline"
+    forced = os.environ.get("ZOO_EXT_ISA", "")
+    if not forced:
+        return best
+    if forced not in known:
+        raise ValueError(f"ZOO_EXT_ISA={forced!r}: the levels here are {', '.join(known)}")
+    if known.index(forced) < known.index(best):
+        raise ValueError(f"ZOO_EXT_ISA={forced!r}: this CPU runs {best!r} at most")
+    return forced
 
 
 def build_directory() -> Path:
-    """The cache folder of this source, these flags, this CPU and this torch."""
-    key = SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + cpu_identity().encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    root = Path(os.environ.get("ZOO_EXT_DIR") or Path.home() / ".cache" / "zoo")
-    return root / f"ext-{torch.__version__}-{digest}"
+    """The cache folder of this source, these flags and this torch (one subfolder per level)."""
+    root = os.environ.get("ZOO_EXT_DIR", "")
+    if root not in _directories:
+        flags = " ".join(CFLAGS + LDFLAGS + [f"{k}:{' '.join(v)}" for k, v in levels().items()])
+        digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()[:16]
+        _directories[root] = Path(root or Path.home() / ".cache" / "zoo") / f"ext-{torch.__version__}-{digest}"
+    return _directories[root]
 
 
-def library() -> Path:
-    """Where the built shared library lies (whether or not it exists)."""
-    return build_directory() / f"{NAME}.so"
+def library(level: str | None = None) -> Path:
+    """Where the shared library of ``level`` (default: this CPU's) lies, whether or not it exists."""
+    return build_directory() / (level or cpu_level()) / f"{NAME}.so"
 
 
-def load(build: bool = False) -> ModuleType | None:
-    """The extension module, or None: not built (and ``build`` false), or disabled by ``ZOO_NO_EXT``.
+def build(level: str) -> Path:
+    """Compile the source for ``level`` into the cache (about a minute; the compiler's error if it fails), without
+    loading it: a level above this CPU's may be built, never run."""
+    from torch.utils import cpp_extension
 
-    With ``build`` it compiles first where needed (about a minute) and raises the compiler's error if that fails.
-    """
+    folder = library(level).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension._write_ninja_file_and_build_library(  # cpp_extension.load's build step, without its import
+        name=NAME,
+        sources=[str(SOURCE)],
+        extra_cflags=[*CFLAGS, *levels()[level]],
+        extra_cuda_cflags=[],
+        extra_sycl_cflags=[],
+        extra_ldflags=list(LDFLAGS),
+        extra_include_paths=[],
+        build_directory=str(folder),
+        verbose=False,
+        with_cuda=False,
+        with_sycl=False,
+    )
+    _loaded.clear()
+    return library(level)
+
+
+def load() -> ModuleType | None:
+    """The extension module of the best built level this CPU runs, or None: disabled by ``ZOO_NO_EXT``, or not built
+    (said once, with the command that builds it)."""
     if disabled():
         return None
-    root = os.environ.get("ZOO_EXT_DIR", "")
-    if build or root not in _libraries:
-        _libraries[root] = library()
-    path = _libraries[root]
-    key = str(path)
-    if build:
-        from torch.utils import cpp_extension
-
-        folder = build_directory()
-        folder.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(
-            name=NAME,
-            sources=[str(SOURCE)],
-            extra_cflags=list(CFLAGS),  # (copies: cpp_extension appends to them)
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(folder),
-            verbose=False,
-        )
-        _loaded[key] = module
-        return module
+    want = cpu_level()
+    key = f"{build_directory()}:{want}"
     if key not in _loaded:
-        _loaded[key] = _import(path) if path.is_file() else None
+        known = list(levels())
+        built = [lv for lv in known[known.index(want) :] if library(lv).is_file()]
+        module = _import(library(built[0])) if built else None
+        _loaded[key] = module
+        if module is None:
+            _say_once(
+                f"the compiled CPU loops are not built (or do not load): the Python loop runs, several times "
+                f"slower; `{BUILD_COMMAND}` builds them"
+            )
+        elif built[0] != want:
+            _say_once(
+                f"the compiled CPU loops run their {built[0]!r} build on a CPU that has {want!r}; "
+                f"`{BUILD_COMMAND}` builds that"
+            )
     return _loaded[key]
+
+
+def loaded_level() -> str | None:
+    """The level of the build that `load` returns (None without one)."""
+    module = load()
+    return None if module is None else Path(module.__spec__.origin).parent.name
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
 
 
 def _import(path: Path) -> ModuleType | None:

@@ -22,6 +22,8 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <new>
 #include <optional>
@@ -48,9 +50,10 @@ struct Norm {
 };
 
 // std::vector storage aligned to 64 bytes, as every tensor's is. GCC peels a vectorized loop's first iterations until
-// an access is aligned, and those run scalar code whose -ffast-math rounding may differ from the vector body's in the
-// last bit: with malloc's varying alignment one call would then round differently from the next (training would not
-// be bitwise reproducible). With aligned buffers the split is the same on every call.
+// an access is aligned, and those run scalar code whose rounding may differ from the vector body's in the last bit
+// (fused multiply-adds, a reduction's order): with malloc's varying alignment one call would then round differently
+// from the next (training would not be bitwise reproducible). With aligned buffers the split is the same on every
+// call.
 template <typename T>
 struct Aligned64 {
   using value_type = T;
@@ -67,9 +70,35 @@ struct Aligned64 {
 template <typename T>
 using Buffer = std::vector<T, Aligned64<T>>;
 
+// exp for float32 in plain arithmetic, so that loops calling it vectorize at whatever instruction set the file is
+// built for, without -ffast-math (which glibc's vector expf needs): x = k ln2 + r with |r| <= ln2/2 (k rounded by the
+// 1.5·2^23 trick, ln2 split in two so k·ln2 is exact), exp(r) by its degree-6 Taylor polynomial (relative error below
+// 2e-7, about 2 ulp), times 2^k built in the exponent bits. x is clamped to [-87.3, 88.7], where 2^k stays normal:
+// exp(-100) gives 1.2e-38 instead of 3.7e-44, which no sigmoid notices. A NaN stays NaN.
+inline float exp_approx(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float k = (x * 1.44269504f + 12582912.f) - 12582912.f;
+  const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float exp_of(float x) { return exp_approx(x); }
+inline double exp_of(double x) { return std::exp(x); }
+
 template <typename T>
 inline T sigm(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+  return T(1) / (T(1) + exp_of(-x));
 }
 
 template <typename T>
@@ -158,10 +187,12 @@ inline void row_forward(const RowNorm<T>& n, const T* x, T* y, int64_t F, int64_
   T mu = 0, rs = 1;
   if (n.kind == LN || n.kind == RMS) {
     if (n.kind == LN) {
+#pragma omp simd reduction(+ : mu)
       for (int64_t j = 0; j < F; ++j) mu += x[j];
       mu /= F;
     }
     T var = 0;
+#pragma omp simd reduction(+ : var)
     for (int64_t j = 0; j < F; ++j) {
       const T d = x[j] - mu;
       var += d * d;
@@ -189,6 +220,7 @@ inline void row_backward(const RowNorm<T>& n, const T* dy, const T* x, T* dx, in
     const T mu = n.mean ? n.mean[r] : T(0), rs = n.rstd[r];
     T a = 0, b = 0;
     auto sums = [&](auto with_w, auto with_b) {  // one pass: the row's two sums and its gain / shift gradients
+#pragma omp simd reduction(+ : a, b)
       for (int64_t j = 0; j < F; ++j) {
         const T xh = (x[j] - mu) * rs, g = dy[j] * w[j];
         a += g;
@@ -1413,7 +1445,7 @@ void norm_rows_backward(Norm& n, const Tensor& dy, const Tensor& x, const Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "zoo.nn.fused: one step of the fused LSTM recurrence between its GEMMs, and the input term's norm";
-  py::class_<Norm>(m, "Norm")
+  py::class_<Norm>(m, "Norm", py::module_local())  // (module-local: builds of two levels can load in one process)
       .def(py::init<>())
       .def_readwrite("kind", &Norm::kind)
       .def_readwrite("fw", &Norm::fw)
