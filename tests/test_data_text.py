@@ -309,5 +309,5 @@ def test_eval_bptt_lengthens_only_the_evaluation_windows(tmp_path: Path) -> None
         assert x.shape == (1, 40) and torch.equal(x[0, 1:], y[0, :-1])
     assert train_x.shape == (2, 10)
     assert dm.dims["max_steps"] == 10  # T_max stays the training length
-    with pytest.raises(ValueError, match="eval_bptt must be positive"):
+    with pytest.raises(ValueError, match="eval_bptt must be an integer >= 1"):
         TextFile(str(path), eval_bptt=0)

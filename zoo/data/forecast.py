@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_counts
 from .download import DataError, ensure_file
 
 # Canonical sources and sha256 of the files whose names are known (../shared/data/README.md).
@@ -143,8 +144,11 @@ class CSVForecasting(L.LightningDataModule):
         super().__init__()
         if missing not in ("reject", "ffill", "interpolate"):
             raise ValueError(f"missing must be 'reject', 'ffill' or 'interpolate', got {missing!r}")
-        if input_len < 1 or horizon < 1:
-            raise ValueError(f"input_len and horizon must be positive, got {input_len} and {horizon}")
+        check_counts(
+            f"CSVForecasting({path})",
+            {"input_len": input_len, "horizon": horizon, "batch_size": batch_size},
+            {"num_workers": num_workers},
+        )
         if len(split) != 3:
             raise ValueError(f"split must give train, val and test, got {split!r}")
         self.path = Path(path)

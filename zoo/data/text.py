@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from .checks import check_counts
 from .download import DataError, ensure_file, sha256sum
 
 SPLITS = ("train", "valid", "test")
@@ -221,9 +222,7 @@ class LanguageModelingData(L.LightningDataModule):
     ) -> None:
         super().__init__()
         sizes = {"batch_size": batch_size, "bptt": bptt, "eval_batch_size": eval_batch_size, "eval_bptt": eval_bptt}
-        bad = {k: v for k, v in sizes.items() if v is not None and v < 1}
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be positive, got {', '.join(str(v) for v in bad.values())}")
+        check_counts(type(self).__name__, sizes, {"num_workers": num_workers})
         self.batch_size = batch_size
         self.bptt = bptt
         self.num_workers = num_workers

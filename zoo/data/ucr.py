@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from .checks import check_counts
 from .download import DataError, download, verify
 
 UCR_URL = "https://www.timeseriesclassification.com/aeon-toolkit/{name}.zip"
@@ -253,6 +254,7 @@ class UCRArchive(L.LightningDataModule):
             raise ValueError(f"missing must be 'interpolate', 'zero' or 'reject', got {missing!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_counts(f"UCRArchive({data_dir}, {name})", {"batch_size": batch_size}, {"num_workers": num_workers})
         self.data_dir = Path(data_dir)
         self.name = name
         self.batch_size = batch_size
