@@ -3,8 +3,11 @@ training work starts. Files are generated under ``tmp_path``; nothing here reads
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from zoo.cli import main
@@ -23,6 +26,7 @@ from zoo.data import (
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT.parent / "shared" / "data" / "digits"
+CLOSED = "http://127.0.0.1:9"  # a closed port: a download attempt fails at once, never reaching the network
 
 # ------------------------------------------------------------------------------------------- numeric options
 
@@ -76,3 +80,35 @@ def test_cli_batch_size_zero_fails_before_any_run_folder(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="SequentialDigits.*batch_size must be an integer >= 1, got 0"):
         main([*args, "--data.batch_size", "0", "--trainer.default_root_dir", str(runs)])
     assert not runs.exists() or not any(runs.rglob("version_*"))
+
+
+# --------------------------------------------------------------------------------- a directory instead of a file
+
+# Each DataModule on a folder ``d`` and the file it reads first.
+FILE_MODULES: dict[str, Callable[[Path], tuple[L.LightningDataModule, Path]]] = {
+    "csv": lambda d: (CSVForecasting(str(d / "x.csv")), d / "x.csv"),
+    "text": lambda d: (TextFile(str(d / "x.txt")), d / "x.txt"),
+    "digits": lambda d: (SequentialDigits(str(d), base_url=CLOSED), d / "optdigits.tes"),
+    "mnist": lambda d: (SequentialMNIST(str(d), base_url=CLOSED), d / "train-images-idx3-ubyte.gz"),
+    "ucr": lambda d: (UCRArchive(str(d), "Foo", url=None), d / "Foo" / "Foo_TRAIN.ts"),
+    "ptb": lambda d: (PennTreebank(str(d), base_url=CLOSED), d / "ptb.char.train.txt"),
+    "shakespeare": lambda d: (TinyShakespeare(str(d), base_url=CLOSED), d / "input.txt"),
+    "enwik8": lambda d: (Enwik8(str(d), base_url=CLOSED), d / "enwik8"),
+}
+
+
+@pytest.mark.parametrize("module", FILE_MODULES)
+def test_a_directory_where_a_file_is_expected(tmp_path: Path, module: str) -> None:
+    dm, path = FILE_MODULES[module](tmp_path)
+    path.mkdir(parents=True)
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}: is a directory, expected a file"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("module", FILE_MODULES)
+def test_a_file_where_the_data_directory_is_expected(tmp_path: Path, module: str) -> None:
+    folder = tmp_path / "data"
+    folder.write_text("not a folder\n")
+    dm, _ = FILE_MODULES[module](folder / "sub")
+    with pytest.raises(DataError, match=f"{re.escape(str(folder))} is a file, expected the directory holding it"):
+        dm.setup("fit")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from .checks import check_counts
-from .download import DataError, ensure_file, sha256sum
+from .download import DataError, check_file_path, ensure_file, sha256sum
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -589,6 +589,7 @@ class MahoneyCorpus(LanguageModelingData):
     def extract(self) -> Path:
         """The corpus file, extracted from the verified zip on first use and verified."""
         raw = self.data_dir / self.name
+        check_file_path(raw)
         if not (raw.is_file() and sha256sum(raw) == self.raw_sha256):
             archive = ensure_file(*self.files()[0])
             try:

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checks import check_counts
-from .download import DataError, download, verify
+from .download import DataError, check_file_path, download, verify
 
 UCR_URL = "https://www.timeseriesclassification.com/aeon-toolkit/{name}.zip"
 
@@ -285,6 +285,8 @@ class UCRArchive(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download and extract ``<name>.zip`` unless both files are present; verify both files."""
         paths = [self.split_path("TRAIN"), self.split_path("TEST")]
+        for p in paths:
+            check_file_path(p)
         if not all(p.is_file() for p in paths):
             self._download()
         for p in paths:
