@@ -112,3 +112,118 @@ def test_a_file_where_the_data_directory_is_expected(tmp_path: Path, module: str
     dm, _ = FILE_MODULES[module](folder / "sub")
     with pytest.raises(DataError, match=f"{re.escape(str(folder))} is a file, expected the directory holding it"):
         dm.setup("fit")
+
+
+# ------------------------------------------------------------------------------------------------ forecasting CSVs
+
+CSV_COLUMNS = ["date", "HULL", "MULL", "OT"]
+
+
+def write_csv(path: Path, rows: int = 96, header: list[str] = CSV_COLUMNS, cells: dict | None = None) -> Path:
+    """An hourly CSV of ``rows`` rows (4 days by default); ``cells[(row, column)]`` replaces a cell's text."""
+    lines = [",".join(header)]
+    for i in range(rows):
+        texts = [
+            f"2020-01-{1 + i // 24:02d} {i % 24:02d}:00:00",
+            *(f"{(i * k) % 7 + k}.5" for k in range(1, len(header))),
+        ]
+        for (r, c), text in (cells or {}).items():
+            if r == i:
+                texts[header.index(c)] = text
+        lines.append(",".join(texts))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def forecasting(path: Path, **kwargs: object) -> CSVForecasting:
+    return CSVForecasting(str(path), **({"input_len": 8, "horizon": 4, "split": ("2D", "1D", "1D")} | kwargs))
+
+
+def test_the_clean_csv_loads(tmp_path: Path) -> None:
+    dm = forecasting(write_csv(tmp_path / "ok.csv"))
+    dm.setup("fit")
+    assert dm.dims == {"input_size": 3, "output_size": 1, "horizon": 4, "max_steps": 8}
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (["date", "OT", "HULL", "OT"], "line 1: the header names column\\(s\\) 'OT' more than once"),
+        (["date", "HULL", "OT", "HULL"], "line 1: the header names column\\(s\\) 'HULL' more than once"),
+        (["date", "HULL", "OT", " HULL "], "line 1: the header names column\\(s\\) 'HULL' more than once"),
+        (["date", "date", "HULL", "OT"], "line 1: the header names column\\(s\\) 'date' more than once"),
+        (["date", "HULL", "", "OT"], "line 1: column 3 of the header has no name"),
+    ],
+)
+def test_csv_header_with_a_repeated_or_empty_name(tmp_path: Path, header: list[str], message: str) -> None:
+    path = write_csv(tmp_path / "dup.csv", header=header)
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}, {message}"):
+        forecasting(path).setup("fit")
+
+
+@pytest.mark.parametrize("option", [{"target": ["OT", "OT"]}, {"features": ["HULL", "OT", "HULL"]}])
+def test_csv_option_naming_a_column_twice(tmp_path: Path, option: dict) -> None:
+    with pytest.raises(DataError, match=f"{next(iter(option))} names '.*' more than once"):
+        forecasting(tmp_path / "x.csv", **option)
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "Infinity", "+INF", "1e999", "-1e400"])
+@pytest.mark.parametrize("missing", ["reject", "ffill", "interpolate"])
+def test_csv_infinite_cell(tmp_path: Path, text: str, missing: str) -> None:
+    path = write_csv(tmp_path / "inf.csv", cells={(30, "OT"): text})
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}, line 32, column 'OT': .* is not a finite number"):
+        forecasting(path, missing=missing).setup("fit")
+
+
+@pytest.mark.parametrize("text", ["", "NaN", "nan", "-nan", "NA", "null"])
+def test_csv_missing_cell_rejected_by_default(tmp_path: Path, text: str) -> None:
+    path = write_csv(tmp_path / "nan.csv", cells={(5, "HULL"): text})
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}, line 7, column 'HULL': missing value"):
+        forecasting(path).setup("fit")
+
+
+def test_csv_column_with_every_value_missing(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "nan.csv", cells={(i, "MULL"): "nan" for i in range(96)})
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}, column 'MULL': every value is missing"):
+        forecasting(path, missing="ffill").setup("fit")
+
+
+@pytest.mark.parametrize("text", ["abc", "1.2.3", "0x10", "1_000", "\u0661\u0662", "12 kV", "True", '"3,5"'])
+def test_csv_non_numeric_cell(tmp_path: Path, text: str) -> None:
+    path = write_csv(tmp_path / "type.csv", cells={(40, "HULL"): text})
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}, line 42, column 'HULL': .* is not a number"):
+        forecasting(path).setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "message"),
+    [
+        (0, {}, "no data rows after the header"),
+        (1, {}, "a split in months or days needs a date column with two rows or more"),
+        (60, {}, r"the split \('2D', '1D', '1D'\) needs 96 rows, the file has 60"),
+        (96, {"split": (90, 3, 3)}, "the val part .* holds no window"),
+        (15, {"split": (0.6, 0.2, 0.2)}, "the train part .* holds no window"),
+        (96, {"input_len": 60}, "the train part .* holds no window"),
+        (96, {"split": (48, 24, 24), "horizon": 30}, "the val part .* holds no window"),
+    ],
+)
+def test_csv_too_few_rows(tmp_path: Path, rows: int, kwargs: dict, message: str) -> None:
+    path = write_csv(tmp_path / "short.csv", rows=rows)
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}.*{message}"):
+        forecasting(path, **kwargs).setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty file, expected a header row"),
+        (b"date,HULL,MULL,OT\n2020-01-01 00:00:00,1,2\n", "line 2: 3 field\\(s\\), the header has 4"),
+        (b"date,HULL,MULL,OT\n\xff\xfe\x00\x01garbage\n", "not a UTF-8 text file"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a UTF-8 text file"),
+    ],
+)
+def test_csv_empty_truncated_or_binary(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}.*{message}"):
+        forecasting(path).setup("fit")

@@ -53,6 +53,11 @@ def _open_csv(path: Path) -> Iterator[Iterator[list[str]]]:
             raise DataError(f"{path}, line {reader.line_num}: not a readable CSV row ({e})") from e
 
 
+def _repeated(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once in ``names``, in order of first occurrence."""
+    return [n for n in dict.fromkeys(names) if names.count(n) > 1]
+
+
 class WindowDataset(Dataset):
     """Sliding windows over one series without copying it: item ``i`` is ``(x[i:i+L], y[i+L:i+L+H])``.
 
@@ -106,7 +111,8 @@ class CSVForecasting(L.LightningDataModule):
     """Forecasting windows over a CSV file with a header row, batched as ``(x, y)``.
 
     Args:
-        path: the CSV file (downloaded from its canonical source if absent and its name is in ``KNOWN_FILES``).
+        path: the CSV file (downloaded from its canonical source if absent and its name is in ``KNOWN_FILES``); its
+            header must name every column once (a repeated or empty name is a `DataError`).
         target: the column(s) to forecast.
         features: the input columns; ``None``: every column but ``date_column``.
         date_column: the timestamp column (``None`` if there is none); needed by month/day splits.
@@ -117,7 +123,8 @@ class CSVForecasting(L.LightningDataModule):
             The ETT default ``("12M", "4M", "4M")`` is 8640/2880/2880 rows of hourly data; rows after the test part
             are unused.
         missing: missing cells (empty, ``NaN``, ``NA``): ``"reject"`` raises `DataError`, ``"ffill"`` carries the
-            last value forward, ``"interpolate"`` interpolates linearly.
+            last value forward, ``"interpolate"`` interpolates linearly. ``inf`` (or a number beyond float64) is a
+            `DataError` under every policy.
         scale: standardize every column with the train part's mean and std.
         batch_size, num_workers: DataLoader settings (train windows are shuffled).
         sha256: expected sha256 of the file (defaults to the known one for the names in ``KNOWN_FILES``).
@@ -154,6 +161,10 @@ class CSVForecasting(L.LightningDataModule):
         self.path = Path(path)
         self.target = [target] if isinstance(target, str) else list(target)
         self.features = None if features is None else list(features)
+        for option, names in (("target", self.target), ("features", self.features or [])):
+            twice = _repeated(names)
+            if twice:
+                raise DataError(f"{self.path}: {option} names {', '.join(map(repr, twice))} more than once")
         self.date_column = date_column
         self.input_len = input_len
         self.horizon = horizon
@@ -186,6 +197,14 @@ class CSVForecasting(L.LightningDataModule):
             if not header:
                 raise DataError(f"{self.path}: empty file, expected a header row")
             header = [h.strip() for h in header]
+            if "" in header:
+                raise DataError(f"{self.path}, line 1: column {header.index('') + 1} of the header has no name")
+            twice = _repeated(header)
+            if twice:
+                raise DataError(
+                    f"{self.path}, line 1: the header names column(s) {', '.join(map(repr, twice))} more than once; "
+                    "rename them so that every column has its own name"
+                )
             wanted = [*self.target, *(self.features or []), *([self.date_column] if self.date_column else [])]
             absent = [c for c in wanted if c not in header]
             if absent:
@@ -244,9 +263,17 @@ class CSVForecasting(L.LightningDataModule):
                         values.append(math.nan)
                         continue
                     try:
-                        values.append(float(tok))
+                        if not tok.isascii() or "_" in tok:  # float() also reads "1_0" and non-ASCII digits
+                            raise ValueError(tok)
+                        value = float(tok)
                     except ValueError:
                         raise DataError(f"{self.path}, line {line}, column {col!r}: {tok!r} is not a number") from None
+                    if math.isinf(value):
+                        raise DataError(
+                            f"{self.path}, line {line}, column {col!r}: {tok!r} is not a finite number (inf, or "
+                            "too large for float64)"
+                        )
+                    values.append(value)  # a NaN spelled otherwise ("-nan") is missing, as the tokens above
                 rows.append(values)
                 if date_idx is not None and len(dates) < 2:
                     dates.append(row[date_idx].strip())
