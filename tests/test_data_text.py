@@ -246,7 +246,7 @@ def test_empty_split(tmp_path: Path) -> None:
     path.write_text("abcdefghij")  # 10 characters: 9 / 0 / 1
     with pytest.raises(DataError, match=r"tiny.txt: the valid split is empty"):
         _ = TextFile(str(path)).dims
-    path.write_text("")
+    path.write_text("\n")
     with pytest.raises(DataError, match=r"tiny.txt: the train split is empty"):
         _ = TextFile(str(path), level="word").dims
 

@@ -227,3 +227,44 @@ def test_csv_empty_truncated_or_binary(tmp_path: Path, content: bytes, message: 
     path.write_bytes(content)
     with pytest.raises(DataError, match=f"{re.escape(str(path))}.*{message}"):
         forecasting(path).setup("fit")
+
+
+# ------------------------------------------------------------------------------------------------------ text files
+
+BAD_TEXT = {
+    "empty": (b"", ": empty file \\(0 bytes\\)"),
+    "nul": (b"line one\nline two\x00\x00\x00binary\n", ", line 2: a NUL byte; a binary file"),
+    "latin1": ("caf\u00e9\nna\u00efve\n".encode("latin-1"), ", line 1: not valid UTF-8"),
+    "utf16": ("hello\nworld\n".encode("utf-16"), ", line 1: not valid UTF-8"),
+    "png": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", ", line 1: not valid UTF-8"),
+    "elf": (b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00", ", line 1: a NUL byte; a binary file"),
+}
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("kind", BAD_TEXT)
+def test_text_file_empty_or_binary(tmp_path: Path, kind: str, level: str) -> None:
+    content, message = BAD_TEXT[kind]
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}{message}"):
+        TextFile(str(path), level=level, batch_size=1, bptt=2).setup("fit")
+
+
+@pytest.mark.parametrize("content", ["\n\n\n", "   \n \t \n"])
+def test_text_file_of_whitespace_only(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "blank.txt"
+    path.write_text(content)
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}: the (train|valid|test) split is empty"):
+        TextFile(str(path), level="word", batch_size=1, bptt=2).setup("fit")
+
+
+def test_hf_text_with_an_empty_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    files = {split: tmp_path / f"{split}.txt" for split in ("train", "validation", "test")}
+    for split, path in files.items():
+        path.write_text("\n" if split == "validation" else "some text\n")  # valid: one empty row
+    dm = HFText("text", data_files={k: str(v) for k, v in files.items()}, batch_size=1, bptt=2)
+    with pytest.raises(DataError, match="hf:text: the valid split is empty"):
+        dm.setup("fit")

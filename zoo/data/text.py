@@ -122,17 +122,27 @@ class WindowLoader(DataLoader):
 
 
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file's content; `DataError` naming the file and line if it is not valid UTF-8."""
+    """A UTF-8 text file's content; `DataError` naming the file (and the line) if it is empty, not valid UTF-8, or
+    binary: a NUL byte, which UTF-8 text never holds, marks a binary file."""
     data = Path(path).read_bytes()
+    if not data:
+        raise DataError(f"{path}: empty file (0 bytes), expected UTF-8 text")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from e
+        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason}); a binary or non-UTF-8 file") from e
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data[:nul].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: a NUL byte; a binary file, not UTF-8 text")
+    return text
 
 
 def code_points(text: str) -> torch.Tensor:
     """The Unicode code points of ``text`` as a long tensor (vectorized, no Python loop over characters)."""
+    if not text:  # frombuffer rejects an empty buffer
+        return torch.empty(0, dtype=torch.long)
     return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()
 
 
