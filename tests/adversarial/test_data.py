@@ -268,3 +268,126 @@ def test_hf_text_with_an_empty_split(tmp_path: Path, monkeypatch: pytest.MonkeyP
     dm = HFText("text", data_files={k: str(v) for k, v in files.items()}, batch_size=1, bptt=2)
     with pytest.raises(DataError, match="hf:text: the valid split is empty"):
         dm.setup("fit")
+
+
+# ---------------------------------------------------------------------------------------------- UCR/UEA .ts files
+
+HEAD = {
+    "problemName": "P",
+    "timeStamps": "false",
+    "missing": "false",
+    "univariate": "true",
+    "equalLength": "true",
+    "seriesLength": "3",
+    "classLabel": "true a b",
+}  # 7 header lines, @data on line 8, the first case on line 9
+GOOD_CASES = ["1,2,3:a", "4,5,6:b", "1,2,4:a", "4,5,7:b"]
+
+
+def ts_text(cases: list[str] = GOOD_CASES, after: str = "", **header: str | None) -> str:
+    """A .ts file: ``HEAD`` updated by ``header`` (None drops a line), ``after`` (lines) after it, @data, ``cases``."""
+    head = [f"@{k} {v}" for k, v in (HEAD | header).items() if v is not None]
+    return "\n".join([*head, *after.splitlines(), "@data", *cases]) + "\n"
+
+
+BAD_TS = {
+    "empty file": ("", ": empty file"),
+    "blank file": ("\n  \n\n", ": empty file"),
+    "binary file": ("@problemName P\n\udcff\udcfe\x00", ": not a text file"),
+    "header only, no @data": ("@problemName P\n@classLabel true a b\n", ", line 2: no @data line by the end"),
+    "cases without @data": (ts_text().replace("@data\n", ""), ", line 8: expected a header line"),
+    "no @classLabel": (ts_text(classLabel=None), ", line 7: @data before @classLabel"),
+    "@classLabel false": (ts_text(classLabel="false"), ", line 7: @classLabel false: not a classification"),
+    "@classLabel without labels": (ts_text(classLabel="true"), ", line 7: @classLabel must list distinct labels"),
+    "repeated class labels": (ts_text(classLabel="true a b a"), ", line 7: @classLabel must list distinct labels"),
+    "@timeStamps true": (ts_text(timeStamps="true"), ", line 2: @timeStamps true is not supported"),
+    "bad @seriesLength": (ts_text(seriesLength="three"), ", line 6: @seriesLength must be a positive integer"),
+    "@dimensions 0": (ts_text(after="@dimensions 0"), ", line 8: @dimensions must be a positive integer"),
+    "@univariate true with 2 dimensions": (ts_text(after="@dimensions 2"), ", line 9: @univariate true, but @dim"),
+    "bad @univariate": (ts_text(univariate="maybe"), ", line 8: @univariate must be true or false"),
+    "class label not in the header": (ts_text(["1,2,3:a", "4,5,6:c"]), ", line 10: class label 'c' is not one of"),
+    "numeric label for named classes": (ts_text(["1,2,3:a", "4,5,6:1"]), ", line 10: class label '1' is not one of"),
+    "unequal length, @seriesLength": (ts_text(["1,2,3:a", "4,5:b"]), ", line 10: length 2, but the header has @ser"),
+    "unequal length, no @seriesLength": (
+        ts_text(["1,2,3:a", "4,5,6:b", "1,2,3,4:a"], seriesLength=None),
+        ", line 10: length 4, but @equalLength true and the first case \\(line 8\\) has length 3",
+    ),
+    "two channels in a univariate file": (ts_text(["1,2,3:a", "1,2,3:4,5,6:b"]), ", line 10: 2 channel\\(s\\)"),
+    "fewer channels than @dimensions": (
+        ts_text(["1,2,3:4,5,6:a", "1,2,3:b"], univariate="false", after="@dimensions 2"),
+        ", line 11: 1 channel\\(s\\), but the header / first case has 2",
+    ),
+    "channels of different lengths": (
+        ts_text(["1,2,3:4,5:a"], univariate="false", equalLength=None, seriesLength=None),
+        ", line 7: the channels have different lengths",
+    ),
+    "non-numeric value": (ts_text(["1,2,3:a", "4,x,6:b"]), ", line 10: channel 1, value 2: 'x' is not a number"),
+    "empty value": (ts_text(["1,,3:a"]), ", line 9: channel 1, value 2: '' is not a number"),
+    "NUL in a value": (ts_text(["1,2\x00,3:a"]), ", line 9: channel 1, value 2: .* is not a number"),
+    "inf value": (ts_text(["1,inf,3:a"]), ", line 9: channel 1, value 2: 'inf' is not a finite number"),
+    "overflowing value": (ts_text(["1,2,-1e999:a"]), ", line 9: channel 1, value 3: '-1e999' is not a finite"),
+    "truncated line, no label": (ts_text(["1,2,3:a", "4,5,6"]), ", line 10: malformed case"),
+    "truncated line, empty label": (ts_text(["1,2,3:a", "4,5,6:"]), ", line 10: class label '' is not one of"),
+    "truncated line, cut in a value": (ts_text(["1,2,3:a", "4,5,"]), ", line 10: malformed case"),
+    "no cases": (ts_text([]), ", line 8: no cases after @data"),
+    "header line after @data": (ts_text(["1,2,3:a", "@data", "4,5,6:b"]), ", line 10: header line '@data' after"),
+}
+
+
+def write_ucr(folder: Path, train: str, test: str) -> UCRArchive:
+    """Data set ``P`` in ``folder`` with the given TRAIN and TEST texts."""
+    (folder / "P").mkdir(parents=True)
+    for split, text in (("TRAIN", train), ("TEST", test)):
+        (folder / "P" / f"P_{split}.ts").write_text(text, encoding="utf-8", errors="surrogateescape")
+    return UCRArchive(str(folder), "P", url=None, val_fraction=0.5)
+
+
+def test_the_clean_ts_files_load(tmp_path: Path) -> None:
+    dm = write_ucr(tmp_path, ts_text(), ts_text())
+    dm.setup("fit")
+    assert dm.dims == {"input_size": 1, "num_classes": 2, "max_steps": 3}
+
+
+@pytest.mark.parametrize("split", ["TRAIN", "TEST"])
+@pytest.mark.parametrize("kind", BAD_TS)
+def test_malformed_ts_file(tmp_path: Path, kind: str, split: str) -> None:
+    text, message = BAD_TS[kind]
+    dm = write_ucr(tmp_path, *((text, ts_text()) if split == "TRAIN" else (ts_text(), text)))
+    with pytest.raises(DataError, match=re.escape(str(dm.split_path(split))) + message):
+        dm.setup("fit")
+
+
+def test_ts_class_in_test_without_a_training_case(tmp_path: Path) -> None:
+    dm = write_ucr(tmp_path, ts_text(["1,2,3:a", "1,2,4:a"]), ts_text(["1,2,3:a", "4,5,6:b"]))
+    message = f", line 10: class 'b' has no case in {re.escape(str(dm.split_path('TRAIN')))}"
+    with pytest.raises(DataError, match=re.escape(str(dm.split_path("TEST"))) + message):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("test", "message"),
+    [
+        (ts_text(classLabel="true a b c"), r": @classLabel \['a', 'b', 'c'\] differs"),
+        (ts_text(["1,2,3:4,5,6:a"], univariate="false", after="@dimensions 2"), r": 2 channel\(s\), but"),
+    ],
+)
+def test_ts_test_file_disagreeing_with_train(tmp_path: Path, test: str, message: str) -> None:
+    dm = write_ucr(tmp_path, ts_text(), test)
+    with pytest.raises(DataError, match=re.escape(str(dm.split_path("TEST"))) + message):
+        dm.setup("fit")
+
+
+def test_mistyped_ucr_name_offline(tmp_path: Path) -> None:
+    write_ucr(tmp_path, ts_text(), ts_text())
+    (tmp_path / "GunPoint").mkdir()
+    (tmp_path / "GunPoint" / "GunPoint_TRAIN.ts").write_text(ts_text())
+    dm = UCRArchive(str(tmp_path), "GunPont", url=CLOSED + "/{name}.zip")
+    message = (
+        rf"unknown data set 'GunPont': .*GunPont_TRAIN\.ts, .*GunPont_TEST\.ts not found; data sets present in "
+        rf"{re.escape(str(tmp_path))}: GunPoint, P \(did you mean 'GunPoint'\?\); and downloading "
+        rf"{re.escape(CLOSED)}/GunPont\.zip failed \(<urlopen error .*\)\. Offline, put GunPont_TRAIN\.ts and "
+        rf"GunPont_TEST\.ts in {re.escape(str(tmp_path / 'GunPont'))}$"
+    )
+    with pytest.raises(DataError, match=message):
+        dm.prepare_data()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["GunPoint", "P"]  # no temporary folder left behind

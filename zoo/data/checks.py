@@ -1,6 +1,8 @@
-"""Validation of a DataModule's numeric options, shared by every DataModule's ``__init__``."""
+"""Checks shared by the DataModules: their numeric options, and the numbers read from their files."""
 
 from __future__ import annotations
+
+import math
 
 from .download import DataError
 
@@ -18,3 +20,20 @@ def check_counts(
     ]
     if bad:
         raise DataError(f"{owner}: {'; '.join(bad)}")
+
+
+def parse_number(token: str, where: str) -> float:
+    """``token`` (stripped, not a missing-value token) as a float; `DataError` at ``where`` (file, line, column) if it
+    is not a plain number (float() also reads ``1_000`` and non-ASCII digits) or is infinite (``inf``, overflow).
+
+    A NaN spelled in a way the caller's missing-value tokens do not list (``-nan``) stays NaN: a missing value.
+    """
+    try:
+        if not token.isascii() or "_" in token:
+            raise ValueError(token)
+        value = float(token)
+    except ValueError:
+        raise DataError(f"{where}: {token!r} is not a number") from None
+    if math.isinf(value):
+        raise DataError(f"{where}: {token!r} is not a finite number (inf, or too large for float64)")
+    return value

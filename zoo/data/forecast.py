@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .checks import check_counts
+from .checks import check_counts, parse_number
 from .download import DataError, ensure_file
 
 # Canonical sources and sha256 of the files whose names are known (../shared/data/README.md).
@@ -262,18 +262,7 @@ class CSVForecasting(L.LightningDataModule):
                     if tok in _MISSING_TOKENS:
                         values.append(math.nan)
                         continue
-                    try:
-                        if not tok.isascii() or "_" in tok:  # float() also reads "1_0" and non-ASCII digits
-                            raise ValueError(tok)
-                        value = float(tok)
-                    except ValueError:
-                        raise DataError(f"{self.path}, line {line}, column {col!r}: {tok!r} is not a number") from None
-                    if math.isinf(value):
-                        raise DataError(
-                            f"{self.path}, line {line}, column {col!r}: {tok!r} is not a finite number (inf, or "
-                            "too large for float64)"
-                        )
-                    values.append(value)  # a NaN spelled otherwise ("-nan") is missing, as the tokens above
+                    values.append(parse_number(tok, f"{self.path}, line {line}, column {col!r}"))
                 rows.append(values)
                 if date_idx is not None and len(dates) < 2:
                     dates.append(row[date_idx].strip())
