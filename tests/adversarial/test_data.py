@@ -182,6 +182,24 @@ def test_csv_missing_cell_rejected_by_default(tmp_path: Path, text: str) -> None
         forecasting(path).setup("fit")
 
 
+def test_cli_fit_on_a_csv_with_inf_fails_before_any_run_folder(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "inf.csv", cells={(30, "OT"): "inf"})
+    runs = tmp_path / "runs"
+    args = ["--data.path", str(path), "--data.split", "[2D, 1D, 1D]", "--data.input_len", "8", "--data.horizon", "4"]
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}, line 32, column 'OT': 'inf' is not a finite"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "ett" / "lstm.yaml"),
+                *args,
+                "--trainer.default_root_dir",
+                str(runs),
+            ]
+        )
+    assert not runs.exists() or not any(runs.rglob("version_*"))
+
+
 def test_csv_column_with_every_value_missing(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "nan.csv", cells={(i, "MULL"): "nan" for i in range(96)})
     with pytest.raises(DataError, match=rf"{re.escape(str(path))}, column 'MULL': every value is missing"):
@@ -342,8 +360,8 @@ def write_ucr(folder: Path, train: str, test: str) -> UCRArchive:
     return UCRArchive(str(folder), "P", url=None, val_fraction=0.5)
 
 
-def test_the_clean_ts_files_load(tmp_path: Path) -> None:
-    dm = write_ucr(tmp_path, ts_text(), ts_text())
+def test_the_clean_ts_files_load_with_or_without_a_bom(tmp_path: Path) -> None:
+    dm = write_ucr(tmp_path, "\ufeff" + ts_text(), ts_text())
     dm.setup("fit")
     assert dm.dims == {"input_size": 1, "num_classes": 2, "max_steps": 3}
 

@@ -227,7 +227,12 @@ class CSVForecasting(L.LightningDataModule):
 
     @property
     def dims(self) -> dict[str, int]:
-        """``{"input_size": C, "output_size": n_targets, "horizon": H, "max_steps": input_len}`` (reads the header)."""
+        """``{"input_size": C, "output_size": n_targets, "horizon": H, "max_steps": input_len}``.
+
+        Reads and checks the whole file (`setup`): the CLI reads ``dims`` to build the model, so a bad file fails
+        there, before a trainer or a run folder exists.
+        """
+        self.setup()
         return {
             "input_size": len(self.feature_columns),
             "output_size": len(self.target),
