@@ -487,6 +487,8 @@ def load_text(path: Path, level: str, split: Sequence[float], unk: bool) -> tupl
 class TextFile(LanguageModelingData):
     """Any UTF-8 text file, character or word level, split in order into train/valid/test by ``split`` fractions.
 
+    An empty file, bytes that are not UTF-8 or a NUL byte (a binary file) are a `DataError` naming the file and line.
+
     See `load_text` for the split; the vocabulary is the training split's symbols, sorted, plus ``<unk>`` (last; at
     word level unless the training text has it), which stands for the symbols of valid/test that training lacks. Word
     level: whitespace-separated words, ``<eos>`` at the end of each line.
