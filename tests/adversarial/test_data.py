@@ -1,5 +1,6 @@
 """Hostile data inputs: each must raise `DataError` naming the file (or the DataModule) and the problem, before any
-training work starts. Files are generated under ``tmp_path``; nothing here reads the shared data except the CLI test."""
+training work starts. Files are generated under ``tmp_path``; only the digits CLI test reads the shared data, and no
+test reaches the network (downloads go to a closed local port)."""
 
 from __future__ import annotations
 
