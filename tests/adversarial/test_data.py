@@ -278,6 +278,20 @@ def test_text_file_of_whitespace_only(tmp_path: Path, content: str) -> None:
         TextFile(str(path), level="word", batch_size=1, bptt=2).setup("fit")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 64}, "the train split is too small: a stream of 90 symbols is too short for 64 rows"),
+        ({"eval_batch_size": 4}, "the valid split is too small: a stream of 5 symbols is too short for 4 rows"),
+    ],
+)
+def test_text_split_too_small_for_its_rows_fails_in_setup(tmp_path: Path, kwargs: dict, message: str) -> None:
+    path = tmp_path / "small.txt"
+    path.write_text("abcdefghij" * 10)  # 90 / 5 / 5 characters
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}: {message}"):
+        TextFile(str(path), **({"batch_size": 2} | kwargs)).setup("fit")
+
+
 def test_hf_text_with_an_empty_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

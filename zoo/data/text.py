@@ -279,8 +279,10 @@ class LanguageModelingData(L.LightningDataModule):
         return {"vocab_size": len(self.vocab), "max_steps": self.bptt}
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and encode the corpus (once)."""
+        """Read and encode the corpus (once), and check that every split fills its rows (before any loader runs)."""
         self._load()
+        for split in SPLITS:
+            self.windows(split)
 
     def rank_and_world(self) -> tuple[int, int]:
         """This process's rank and the number of processes: the trainer's, else torch.distributed's, else (0, 1)."""
