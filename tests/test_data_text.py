@@ -246,7 +246,7 @@ def test_empty_split(tmp_path: Path) -> None:
     path.write_text("abcdefghij")  # 10 characters: 9 / 0 / 1
     with pytest.raises(DataError, match=r"tiny.txt: the valid split is empty"):
         _ = TextFile(str(path)).dims
-    path.write_text("")
+    path.write_text("\n")
     with pytest.raises(DataError, match=r"tiny.txt: the train split is empty"):
         _ = TextFile(str(path), level="word").dims
 
@@ -309,5 +309,5 @@ def test_eval_bptt_lengthens_only_the_evaluation_windows(tmp_path: Path) -> None
         assert x.shape == (1, 40) and torch.equal(x[0, 1:], y[0, :-1])
     assert train_x.shape == (2, 10)
     assert dm.dims["max_steps"] == 10  # T_max stays the training length
-    with pytest.raises(ValueError, match="eval_bptt must be positive"):
+    with pytest.raises(ValueError, match="eval_bptt must be an integer >= 1"):
         TextFile(str(path), eval_bptt=0)

@@ -60,3 +60,19 @@ def test_ett_config_fits_and_tests_on_a_synthetic_csv(
     std = float(cli.datamodule.target_std[0])
     assert float(metrics["test/mse_raw"]) == pytest.approx(float(metrics["test/mse"]) * std**2, rel=1e-4)
     assert float(metrics["test/mae_raw"]) == pytest.approx(float(metrics["test/mae"]) * std, rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["lstm", "ln_lstm", "bn_lstm"])
+def test_ett_config_runs_shorter_than_one_epoch(tmp_path: Path, variant: str, capsys: pytest.CaptureFixture) -> None:
+    """--trainer.max_steps below one epoch ends fit before any validation; early stopping must not ask for val/mse."""
+    csv = tmp_path / "synthetic.csv"
+    write_csv(csv, 24 * 5)
+    config = ROOT / "configs" / "ett" / f"{variant}.yaml"
+    args = ["--data.path", str(csv), "--data.split", "[3D, 1D, 1D]", "--data.input_len", "12", "--data.horizon", "6"]
+    args += ["--data.batch_size", "8", "--model.init_args.hidden_size", "8", "--trainer.max_steps", "2"]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "runs")]
+    cli = main(["fit", "--config", str(config), *args])
+    assert len(cli.datamodule.train_dataloader()) == 7  # 55 windows in batches of 8: the run stops inside epoch 0
+    assert cli.trainer.global_step == 2
+    out = capsys.readouterr().out
+    assert "checkpoint: (none saved; tested the final weights)" in out and "test mse:" in out

@@ -95,7 +95,7 @@ def test_normalization_uses_train_valid_positions_only(tmp_path: Path) -> None:
     train = [f"{i},{i + 1},{2 * i}:{10 * i},{-i},{i * i}:{'ab'[i % 2]}" for i in range(10)]
     train += ["1,2:3,4:a", "5:6:b"]  # shorter series: padding must stay out of the statistics
     write_ts(tmp_path, "Toy", "TRAIN", train, uni=False)
-    write_ts(tmp_path, "Toy", "TEST", ["1000,1000:1000,1000:c"], uni=False)
+    write_ts(tmp_path, "Toy", "TEST", ["1000,1000:1000,1000:a"], uni=False)
     dm = UCRArchive(str(tmp_path), "Toy", batch_size=4, val_fraction=0.25, url=None)
     assert dm.dims == {"input_size": 2, "num_classes": 3, "max_steps": 3}
     dm.setup()
@@ -193,7 +193,7 @@ def test_bad_ts_files(tmp_path: Path, cases: list[str], uni: bool, extra: str, m
 def test_truncated_ts_file(tmp_path: Path) -> None:
     path = tmp_path / "T_TRAIN.ts"
     path.write_text("@problemName T\n@classLabel true a b\n")  # cut before @data
-    with pytest.raises(DataError, match=r"T_TRAIN\.ts: no @data line; the file is truncated"):
+    with pytest.raises(DataError, match=r"T_TRAIN\.ts, line 2: no @data line by the end; the file is truncated"):
         read_ts(path)
     path.write_bytes(b"@problemName T\n\xff\xfe\x00garbage")
     with pytest.raises(DataError, match=r"T_TRAIN\.ts: not a text file"):
@@ -288,7 +288,9 @@ def test_download_of_a_bad_zip_or_a_missing_name(server: tuple[str, Path], tmp_p
     data_dir.mkdir()
     with pytest.raises(DataError, match=r"Junk\.zip: not a valid zip file"):
         _ = UCRArchive(str(data_dir), "Junk", url=base + "/{name}.zip").dims
-    with pytest.raises(DataError, match=r"unknown data set 'Nope'.*present in .*: none; and the download failed"):
+    with pytest.raises(
+        DataError, match=r"unknown data set 'Nope'.*present in .*: none; and downloading .*/Nope\.zip failed"
+    ):
         _ = UCRArchive(str(data_dir), "Nope", url=base + "/{name}.zip").dims
 
 
@@ -296,5 +298,15 @@ def test_download_into_an_unwritable_folder(server: tuple[str, Path], tmp_path: 
     base, _ = server
     (tmp_path / "a_file").write_text("")
     data_dir = tmp_path / "a_file" / "archive"  # cannot be created
-    with pytest.raises(DataError, match=r"unknown data set 'Foo'.*: none; and .*archive is not writable"):
+    with pytest.raises(DataError, match=r"Foo_TRAIN\.ts: .*a_file is a file, expected the directory holding it"):
         _ = UCRArchive(str(data_dir), "Foo", url=base + "/{name}.zip").dims
+
+
+def test_download_into_a_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(dir: str) -> None:
+        raise PermissionError(13, "Permission denied", dir)
+
+    monkeypatch.setattr("zoo.data.ucr.tempfile.TemporaryDirectory", refuse)
+    message = r"unknown data set .Foo.*: none; and .* is not writable \(.*Permission denied.*\), so .*/Foo\.zip was"
+    with pytest.raises(DataError, match=message):
+        UCRArchive(str(tmp_path), "Foo", url="http://127.0.0.1:9/{name}.zip").prepare_data()

@@ -1,0 +1,1 @@
+"""Hostile inputs that every change must keep rejecting cleanly."""

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .checks import check_counts
 from .download import DataError, ensure_file
 
 FILE = "optdigits.tes"
@@ -91,6 +92,7 @@ class SequentialDigits(L.LightningDataModule):
             raise ValueError(
                 f"need 0 <= val_fraction, test_fraction and their sum < 1, got {val_fraction}, {test_fraction}"
             )
+        check_counts(f"SequentialDigits({data_dir})", {"batch_size": batch_size}, {"num_workers": num_workers})
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size

@@ -81,14 +81,28 @@ def download(
     return dest
 
 
+def check_file_path(path: str | os.PathLike) -> None:
+    """Raise `DataError` if ``path`` is a directory, or if the nearest existing folder above it is not a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a file")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise DataError(f"{path}: {parent} is a file, expected the directory holding it")
+
+
 def ensure_file(
     path: str | os.PathLike,
     url: str | None = None,
     sha256: str | None = None,
     check: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Return ``path``, downloading it from ``url`` first if it is absent; verify it (sha256, ``check``) either way."""
+    """Return ``path``, downloading it from ``url`` first if it is absent; verify it (sha256, ``check``) either way.
+
+    A directory at ``path`` (or a file where a folder above it should be) is a `DataError`, not an absent file.
+    """
     path = Path(path)
+    check_file_path(path)
     if path.is_file():
         verify(path, sha256)
         if check is not None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_counts, parse_number
 from .download import DataError, ensure_file
 
 # Canonical sources and sha256 of the files whose names are known (../shared/data/README.md).
@@ -50,6 +51,11 @@ def _open_csv(path: Path) -> Iterator[Iterator[list[str]]]:
             raise DataError(f"{path}: not a UTF-8 text file ({e}); the file is corrupt") from e
         except csv.Error as e:
             raise DataError(f"{path}, line {reader.line_num}: not a readable CSV row ({e})") from e
+
+
+def _repeated(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once in ``names``, in order of first occurrence."""
+    return [n for n in dict.fromkeys(names) if names.count(n) > 1]
 
 
 class WindowDataset(Dataset):
@@ -105,7 +111,8 @@ class CSVForecasting(L.LightningDataModule):
     """Forecasting windows over a CSV file with a header row, batched as ``(x, y)``.
 
     Args:
-        path: the CSV file (downloaded from its canonical source if absent and its name is in ``KNOWN_FILES``).
+        path: the CSV file (downloaded from its canonical source if absent and its name is in ``KNOWN_FILES``); its
+            header must name every column once (a repeated or empty name is a `DataError`).
         target: the column(s) to forecast.
         features: the input columns; ``None``: every column but ``date_column``.
         date_column: the timestamp column (``None`` if there is none); needed by month/day splits.
@@ -116,7 +123,8 @@ class CSVForecasting(L.LightningDataModule):
             The ETT default ``("12M", "4M", "4M")`` is 8640/2880/2880 rows of hourly data; rows after the test part
             are unused.
         missing: missing cells (empty, ``NaN``, ``NA``): ``"reject"`` raises `DataError`, ``"ffill"`` carries the
-            last value forward, ``"interpolate"`` interpolates linearly.
+            last value forward, ``"interpolate"`` interpolates linearly. ``inf`` (or a number beyond float64) is a
+            `DataError` under every policy.
         scale: standardize every column with the train part's mean and std.
         batch_size, num_workers: DataLoader settings (train windows are shuffled).
         sha256: expected sha256 of the file (defaults to the known one for the names in ``KNOWN_FILES``).
@@ -143,13 +151,20 @@ class CSVForecasting(L.LightningDataModule):
         super().__init__()
         if missing not in ("reject", "ffill", "interpolate"):
             raise ValueError(f"missing must be 'reject', 'ffill' or 'interpolate', got {missing!r}")
-        if input_len < 1 or horizon < 1:
-            raise ValueError(f"input_len and horizon must be positive, got {input_len} and {horizon}")
+        check_counts(
+            f"CSVForecasting({path})",
+            {"input_len": input_len, "horizon": horizon, "batch_size": batch_size},
+            {"num_workers": num_workers},
+        )
         if len(split) != 3:
             raise ValueError(f"split must give train, val and test, got {split!r}")
         self.path = Path(path)
         self.target = [target] if isinstance(target, str) else list(target)
         self.features = None if features is None else list(features)
+        for option, names in (("target", self.target), ("features", self.features or [])):
+            twice = _repeated(names)
+            if twice:
+                raise DataError(f"{self.path}: {option} names {', '.join(map(repr, twice))} more than once")
         self.date_column = date_column
         self.input_len = input_len
         self.horizon = horizon
@@ -182,6 +197,14 @@ class CSVForecasting(L.LightningDataModule):
             if not header:
                 raise DataError(f"{self.path}: empty file, expected a header row")
             header = [h.strip() for h in header]
+            if "" in header:
+                raise DataError(f"{self.path}, line 1: column {header.index('') + 1} of the header has no name")
+            twice = _repeated(header)
+            if twice:
+                raise DataError(
+                    f"{self.path}, line 1: the header names column(s) {', '.join(map(repr, twice))} more than once; "
+                    "rename them so that every column has its own name"
+                )
             wanted = [*self.target, *(self.features or []), *([self.date_column] if self.date_column else [])]
             absent = [c for c in wanted if c not in header]
             if absent:
@@ -204,7 +227,12 @@ class CSVForecasting(L.LightningDataModule):
 
     @property
     def dims(self) -> dict[str, int]:
-        """``{"input_size": C, "output_size": n_targets, "horizon": H, "max_steps": input_len}`` (reads the header)."""
+        """``{"input_size": C, "output_size": n_targets, "horizon": H, "max_steps": input_len}``.
+
+        Reads and checks the whole file (`setup`): the CLI reads ``dims`` to build the model, so a bad file fails
+        there, before a trainer or a run folder exists.
+        """
+        self.setup()
         return {
             "input_size": len(self.feature_columns),
             "output_size": len(self.target),
@@ -239,10 +267,7 @@ class CSVForecasting(L.LightningDataModule):
                     if tok in _MISSING_TOKENS:
                         values.append(math.nan)
                         continue
-                    try:
-                        values.append(float(tok))
-                    except ValueError:
-                        raise DataError(f"{self.path}, line {line}, column {col!r}: {tok!r} is not a number") from None
+                    values.append(parse_number(tok, f"{self.path}, line {line}, column {col!r}"))
                 rows.append(values)
                 if date_idx is not None and len(dates) < 2:
                     dates.append(row[date_idx].strip())

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_counts
 from .download import DataError, ensure_file
 
 # sha256 of the decompressed idx files: the gzip wrappers differ between mirrors, the content does not (md5 of the
@@ -130,6 +131,7 @@ class SequentialMNIST(L.LightningDataModule):
         super().__init__()
         if not 0 < val_size < 60000:
             raise ValueError(f"val_size must be between 1 and 59999, got {val_size}")
+        check_counts(f"SequentialMNIST({data_dir})", {"batch_size": batch_size}, {"num_workers": num_workers})
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from .download import DataError, ensure_file, sha256sum
+from .checks import check_counts
+from .download import DataError, check_file_path, ensure_file, sha256sum
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -121,17 +122,27 @@ class WindowLoader(DataLoader):
 
 
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file's content; `DataError` naming the file and line if it is not valid UTF-8."""
+    """A UTF-8 text file's content; `DataError` naming the file (and the line) if it is empty, not valid UTF-8, or
+    binary: a NUL byte, which UTF-8 text never holds, marks a binary file."""
     data = Path(path).read_bytes()
+    if not data:
+        raise DataError(f"{path}: empty file (0 bytes), expected UTF-8 text")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from e
+        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason}); a binary or non-UTF-8 file") from e
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data[:nul].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: a NUL byte; a binary file, not UTF-8 text")
+    return text
 
 
 def code_points(text: str) -> torch.Tensor:
     """The Unicode code points of ``text`` as a long tensor (vectorized, no Python loop over characters)."""
+    if not text:  # frombuffer rejects an empty buffer
+        return torch.empty(0, dtype=torch.long)
     return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()
 
 
@@ -221,9 +232,7 @@ class LanguageModelingData(L.LightningDataModule):
     ) -> None:
         super().__init__()
         sizes = {"batch_size": batch_size, "bptt": bptt, "eval_batch_size": eval_batch_size, "eval_bptt": eval_bptt}
-        bad = {k: v for k, v in sizes.items() if v is not None and v < 1}
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be positive, got {', '.join(str(v) for v in bad.values())}")
+        check_counts(type(self).__name__, sizes, {"num_workers": num_workers})
         self.batch_size = batch_size
         self.bptt = bptt
         self.num_workers = num_workers
@@ -270,8 +279,10 @@ class LanguageModelingData(L.LightningDataModule):
         return {"vocab_size": len(self.vocab), "max_steps": self.bptt}
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and encode the corpus (once)."""
+        """Read and encode the corpus (once), and check that every split fills its rows (before any loader runs)."""
         self._load()
+        for split in SPLITS:
+            self.windows(split)
 
     def rank_and_world(self) -> tuple[int, int]:
         """This process's rank and the number of processes: the trainer's, else torch.distributed's, else (0, 1)."""
@@ -478,6 +489,8 @@ def load_text(path: Path, level: str, split: Sequence[float], unk: bool) -> tupl
 class TextFile(LanguageModelingData):
     """Any UTF-8 text file, character or word level, split in order into train/valid/test by ``split`` fractions.
 
+    An empty file, bytes that are not UTF-8 or a NUL byte (a binary file) are a `DataError` naming the file and line.
+
     See `load_text` for the split; the vocabulary is the training split's symbols, sorted, plus ``<unk>`` (last; at
     word level unless the training text has it), which stands for the symbols of valid/test that training lacks. Word
     level: whitespace-separated words, ``<eos>`` at the end of each line.
@@ -590,6 +603,7 @@ class MahoneyCorpus(LanguageModelingData):
     def extract(self) -> Path:
         """The corpus file, extracted from the verified zip on first use and verified."""
         raw = self.data_dir / self.name
+        check_file_path(raw)
         if not (raw.is_file() and sha256sum(raw) == self.raw_sha256):
             archive = ensure_file(*self.files()[0])
             try:

@@ -8,6 +8,7 @@ their lengths.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import shutil
@@ -23,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .download import DataError, download, verify
+from .checks import check_counts, parse_number
+from .download import DataError, check_file_path, download, verify
 
 UCR_URL = "https://www.timeseriesclassification.com/aeon-toolkit/{name}.zip"
 
@@ -73,15 +75,20 @@ def read_ts(path: str | os.PathLike) -> TSFile:
     class_labels: list[str] | None = None
     channels: int | None = None
     out: TSFile | None = None
-    seen_data = False
+    seen_data, data_line = False, 0
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a text file ({e}); the file is corrupt") from e
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    if not text.strip():
+        raise DataError(f"{path}: empty file, expected a .ts header, @data and the cases")
+    for lineno, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if seen_data and line.startswith("@"):
+            raise DataError(f"{path}, line {lineno}: header line {line.split()[0]!r} after @data")
         if not seen_data:
             if not line.startswith("@"):
                 raise DataError(f"{path}, line {lineno}: expected a header line (@...) or @data before the data")
@@ -92,10 +99,12 @@ def read_ts(path: str | os.PathLike) -> TSFile:
                     raise DataError(f"{path}, line {lineno}: @data before @classLabel; the header is incomplete")
                 if "dimensions" in header:
                     channels = int(header["dimensions"])
+                    if channels > 1 and header.get("univariate", "").lower() == "true":
+                        raise DataError(f"{path}, line {lineno}: @univariate true, but @dimensions {channels}")
                 elif _parse_bool(path, lineno, "univariate", header.get("univariate", "true")):
                     channels = 1
                 out = TSFile(path, class_labels, channels or 0, header=header)
-                seen_data = True
+                seen_data, data_line = True, lineno
                 continue
             header[key] = value
             if key == "classlabel":
@@ -114,9 +123,9 @@ def read_ts(path: str | os.PathLike) -> TSFile:
             continue
         _read_case(out, line, lineno)
     if out is None:
-        raise DataError(f"{path}: no @data line; the file is truncated or not a .ts file")
+        raise DataError(f"{path}, line {len(lines)}: no @data line by the end; the file is truncated or not a .ts file")
     if not out.series:
-        raise DataError(f"{path}: no cases after @data (empty split)")
+        raise DataError(f"{path}, line {data_line}: no cases after @data (empty split)")
     return out
 
 
@@ -146,20 +155,21 @@ def _read_case(out: TSFile, line: str, lineno: int) -> None:
             if tok in _MISSING_TOKENS:
                 values.append(math.nan)
                 continue
-            try:
-                values.append(float(tok))
-            except ValueError:
-                raise DataError(
-                    f"{path}, line {lineno}: channel {d + 1}, value {j + 1}: {tok!r} is not a number"
-                ) from None
+            values.append(parse_number(tok, f"{path}, line {lineno}: channel {d + 1}, value {j + 1}"))
         cols.append(values)
     lengths = {len(c) for c in cols}
     if len(lengths) != 1:
         raise DataError(f"{path}, line {lineno}: the channels have different lengths {[len(c) for c in cols]}")
     length = lengths.pop()
-    expected = out.header.get("serieslength")
-    if out.header.get("equallength", "").lower() == "true" and expected and length != int(expected):
-        raise DataError(f"{path}, line {lineno}: length {length}, but the header has @seriesLength {expected}")
+    if out.header.get("equallength", "").lower() == "true":
+        expected = out.header.get("serieslength")
+        if expected and length != int(expected):
+            raise DataError(f"{path}, line {lineno}: length {length}, but the header has @seriesLength {expected}")
+        if out.series and length != len(out.series[0]):
+            raise DataError(
+                f"{path}, line {lineno}: length {length}, but @equalLength true and the first case (line "
+                f"{out.lines[0]}) has length {len(out.series[0])}"
+            )
     out.series.append(torch.tensor(cols, dtype=torch.float32).T.contiguous())
     out.labels.append(out.class_labels.index(label))
     out.lines.append(lineno)
@@ -253,6 +263,7 @@ class UCRArchive(L.LightningDataModule):
             raise ValueError(f"missing must be 'interpolate', 'zero' or 'reject', got {missing!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_counts(f"UCRArchive({data_dir}, {name})", {"batch_size": batch_size}, {"num_workers": num_workers})
         self.data_dir = Path(data_dir)
         self.name = name
         self.batch_size = batch_size
@@ -283,15 +294,20 @@ class UCRArchive(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download and extract ``<name>.zip`` unless both files are present; verify both files."""
         paths = [self.split_path("TRAIN"), self.split_path("TEST")]
+        for p in paths:
+            check_file_path(p)
         if not all(p.is_file() for p in paths):
             self._download()
         for p in paths:
             verify(p, self.sha256.get(p.name))
 
     def _download(self) -> None:
-        present = ", ".join(self._present()) or "none"
+        present = self._present()
         missing = [str(p) for p in (self.split_path("TRAIN"), self.split_path("TEST")) if not p.is_file()]
-        where = f"{', '.join(missing)} not found; data sets present in {self.data_dir}: {present}"
+        where = f"{', '.join(missing)} not found; data sets present in {self.data_dir}: {', '.join(present) or 'none'}"
+        close = difflib.get_close_matches(self.name, present, n=1)
+        if close:
+            where += f" (did you mean {close[0]!r}?)"
         if self.url is None:
             raise DataError(f"unknown data set {self.name!r}: {where} (downloading is off: url=None)")
         url = self.url.format(name=self.name)
@@ -300,13 +316,19 @@ class UCRArchive(L.LightningDataModule):
             self.data_dir.mkdir(parents=True, exist_ok=True)
             workdir = tempfile.TemporaryDirectory(dir=self.data_dir)  # same file system: the final moves are atomic
         except OSError as e:
-            raise DataError(f"unknown data set {self.name!r}: {where}; and {self.data_dir} is not writable: {e}") from e
+            raise DataError(
+                f"unknown data set {self.name!r}: {where}; and {self.data_dir} is not writable ({e}), so {url} "
+                "was not downloaded"
+            ) from e
         with workdir as tmp:
             archive = Path(tmp) / f"{self.name}.zip"
             try:
                 download(url, archive)
-            except DataError as e:
-                raise DataError(f"unknown data set {self.name!r}: {where}; and the download failed: {e}") from e
+            except DataError as e:  # e names the temporary folder, gone once this block exits: report its cause
+                raise DataError(
+                    f"unknown data set {self.name!r}: {where}; and downloading {url} failed ({e.__cause__ or e}). "
+                    f"Offline, put {self.name}_TRAIN.ts and {self.name}_TEST.ts in {dest}"
+                ) from e
             try:
                 with zipfile.ZipFile(archive) as zf:
                     members = {Path(m).name: m for m in zf.namelist()}
@@ -335,6 +357,13 @@ class UCRArchive(L.LightningDataModule):
                 )
             if train.channels != test.channels:
                 raise DataError(f"{test.path}: {test.channels} channel(s), but {train.path} has {train.channels}")
+            unseen = sorted(set(test.labels) - set(train.labels))
+            if unseen:
+                line = test.lines[test.labels.index(unseen[0])]
+                raise DataError(
+                    f"{test.path}, line {line}: class {train.class_labels[unseen[0]]!r} has no case in {train.path}, "
+                    "so no model can learn it"
+                )
             self._files = (train, test)
             self.class_labels = train.class_labels
         return self._files
