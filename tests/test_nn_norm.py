@@ -35,6 +35,12 @@ def test_shared_statistics_equal_batchnorm1d_on_valid_positions(with_mask: bool)
     mask = MASK if with_mask else torch.ones(T, B, dtype=torch.bool)
     for _ in range(2):  # two updates of the running statistics
         x = torch.randn(T, B, F) * 3 + 1
+        if with_mask:  # padding enters nothing, NaN and inf included
+            x[~MASK] = (
+                torch.tensor([float("nan"), float("inf")])
+                .repeat(int((~MASK).sum()) * F)[: int((~MASK).sum()) * F]
+                .view(-1, F)
+            )
         y = bn(x, MASK if with_mask else None)
         torch.testing.assert_close(y[mask], ref(x[mask]))
         assert torch.isfinite(y).all()
@@ -44,7 +50,10 @@ def test_shared_statistics_equal_batchnorm1d_on_valid_positions(with_mask: bool)
     bn.eval()
     ref.eval()
     x = torch.randn(T, B, F)
-    torch.testing.assert_close(bn(x, MASK)[mask], ref(x[mask]))
+    x[~MASK] = float("nan")
+    y = bn(x, MASK)
+    torch.testing.assert_close(y[MASK], ref(x[MASK]))
+    assert torch.isfinite(y).all()
 
 
 def test_per_step_statistics_equal_one_batchnorm1d_per_step() -> None:

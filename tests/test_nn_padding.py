@@ -1,7 +1,8 @@
 """Padding never matters: not to outputs, final states, running statistics or gradients; each sequence is on its own.
 
-A padded batch (batch first, 2 layers, bidirectional) is run with zeros, Gaussian noise and 1e6 in its padded positions;
-everything that depends on valid positions must be the same, and outputs at padded positions exactly zero.
+A padded batch (batch first, 2 layers, bidirectional) is run with zeros, Gaussian noise, 1e6, NaN, inf and a mix of
+non-finite values in its padded positions; everything that depends on valid positions must be the same, and outputs at
+padded positions exactly zero.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ FILLS = {
     "zeros": lambda shape: torch.zeros(shape),
     "noise": lambda shape: torch.randn(shape),
     "1e6": lambda shape: torch.full(shape, 1e6),
+    "nan": lambda shape: torch.full(shape, float("nan")),
+    "inf": lambda shape: torch.full(shape, float("inf")),
+    "mixed": lambda shape: (
+        torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])
+        .repeat(shape.numel())[: shape.numel()]
+        .view(shape)
+    ),
 }
 
 

@@ -106,9 +106,12 @@ class MaskedBatchNorm(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None, start: int = 0) -> Tensor:
         """Normalize ``x`` of shape ``(T, B, F)`` whose first row is time step ``start``.
 
-        ``mask`` (``(T, B)``, bool) marks the valid positions; ``None`` means all are valid. Padded positions of the
-        result hold finite values that the caller discards.
+        ``mask`` (``(T, B)``, bool) marks the valid positions; ``None`` means all are valid. Whatever the padded
+        positions hold (NaN and inf too), they enter no statistic and no valid output; in the result they hold finite
+        values that the caller discards.
         """
+        if mask is not None:
+            x = x.masked_fill(~mask.unsqueeze(-1), 0)  # (not a multiply: 0 · NaN is NaN)
         steps = x.shape[0]
         if self.per_step and self.past_max_steps == "error" and start + steps > self.max_steps:
             raise ValueError(

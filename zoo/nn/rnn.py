@@ -137,6 +137,8 @@ class RNN(nn.Module):
             if lengths is None:
                 lengths = torch.full((batch,), steps, dtype=torch.long, device=x.device)
             x = F.pad(x, (0, 0, 0, 0, 0, longest - steps))
+        if lengths is not None:  # padding enters nothing, whatever it holds (NaN and inf too: 0 · NaN is NaN)
+            x = x.masked_fill(~lengths_to_mask(lengths, x.shape[0]).unsqueeze(-1), 0)
 
         if self.fused and self.cells[0].native is not None:
             out, finals = self._native(x, states, lengths)
@@ -192,7 +194,7 @@ class RNN(nn.Module):
                     acc.append(s)
             x = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
             if mask is not None:
-                x = x * mask.unsqueeze(-1).to(x.dtype)
+                x = x.masked_fill(~mask.unsqueeze(-1), 0)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
         return x, [torch.stack(f) for f in finals]
