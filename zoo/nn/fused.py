@@ -15,7 +15,7 @@ norm combines its statistics across threads at barriers; tanh(x) = 2σ(2x) − 1
 gates (the candidate block of the pre-activations is doubled). Without the extension, a Python loop calls oneDNN's
 GEMM with the weights packed once per sequence and the vendor kernels `native_layer_norm`, `_fused_rms_norm` and
 `native_batch_norm` (and their backward kernels), one per step and norm.
-The reference path (`fused=False`) defines the result; the tests hold all of them equal.
+The ``reference`` backend (`zoo.nn.backends`) defines the result; the tests hold all of them equal.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import _ext
+from .backends import compiled_allowed
 from .norm import MaskedBatchNorm
 
 aten = torch.ops.aten
@@ -298,24 +299,24 @@ class StepNorm:
         n = self.ext = ext.Norm()
         n.fw, n.fb, n.w = self.fwd_weight, self.fwd_bias, self.weight
         if self.kind == "none":
-            n.kind = 4  # AFFINE: x·scale (identity when folded); the backward is the identity
+            n.kind = ext.Kind.AFFINE  # x·scale (identity when folded); the backward is the identity
             if folded:
                 n.fw = n.fb = None
             return
         n.eps = self.eps if self.eps is not None else torch.finfo(like.dtype).eps
         if self.kind in ("ln", "rms"):
-            n.kind = 1 if self.kind == "ln" else 2
+            n.kind = ext.Kind.LN if self.kind == "ln" else ext.Kind.RMS
             n.mean = like.new_empty(rows) if self.kind == "ln" else None
             n.rstd = like.new_empty(rows)
             return
         bn: MaskedBatchNorm = self.module
         features = self.weight.shape[0]
         if bn.training:
-            n.kind, n.per_step, n.momentum = 3, bn.per_step, bn.momentum
+            n.kind, n.per_step, n.momentum = ext.Kind.BN_TRAIN, bn.per_step, bn.momentum
             n.mean, n.rstd = like.new_empty(steps, features), like.new_empty(steps, features)
             n.rm, n.rv = bn.running_mean, bn.running_var
         else:  # the per-step affine maps of `start`, and the statistics for the gain gradient
-            n.kind = 4
+            n.kind = ext.Kind.AFFINE
             n.fw, n.fb = self.eval_scale.contiguous(), self.eval_shift.contiguous()
             n.mean, n.rstd = self.eval_mean.contiguous(), self.eval_rstd.contiguous()
 
@@ -381,22 +382,24 @@ class _InputNorm(torch.autograd.Function):
         n.eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
         groups = 1
         if norm.kind in ("ln", "rms"):
-            n.kind = 1 if norm.kind == "ln" else 2
+            n.kind = ext.Kind.LN if norm.kind == "ln" else ext.Kind.RMS
             n.mean = x.new_empty(steps * batch) if norm.kind == "ln" else None
             n.rstd = x.new_empty(steps * batch)
         elif norm.module.training:
             bn: MaskedBatchNorm = norm.module
             groups = steps if bn.per_step else 1
-            n.kind, n.per_step, n.momentum = 3, bn.per_step, bn.momentum
+            n.kind, n.per_step, n.momentum = ext.Kind.BN_TRAIN, bn.per_step, bn.momentum
             n.mean, n.rstd = x.new_empty(groups, features), x.new_empty(groups, features)
             n.rm, n.rv = bn.running_mean, bn.running_var
         else:  # evaluation: each step's affine map from the running statistics (`StepNorm.start`), shift included
             groups = steps if norm.module.per_step else 1
             norm.start(groups, x)
-            n.kind, n.mean, n.rstd = 4, norm.eval_mean.contiguous(), norm.eval_rstd.contiguous()
+            n.kind, n.mean, n.rstd = ext.Kind.AFFINE, norm.eval_mean.contiguous(), norm.eval_rstd.contiguous()
             n.fw = n.rstd * weight
             n.fb = -n.mean * n.fw if shift is None else shift - n.mean * n.fw
-        ctx.blocked = proj is not None and (n.kind != 3 or groups > 1)  # (not a batch norm's statistics of all rows)
+        ctx.blocked = proj is not None and (
+            n.kind != ext.Kind.BN_TRAIN or groups > 1
+        )  # (not a batch norm's statistics of all rows)
         if ctx.blocked:
             keep = not recompute and recording(ctx, grad)  # (inference: no projection to keep)
             p = x.new_empty(rows.shape[0], features) if keep else None
@@ -703,8 +706,11 @@ class FusedLSTM(torch.autograd.Function):
 
 
 def _extension(u: Tensor, *items: Tensor | StepNorm):
-    """The compiled extension when it is built and applies to ``u`` and ``items`` (tensors, and norms whose tensors
-    count too): CPU, float32/float64, one dtype, ``u`` contiguous; else None."""
+    """The compiled extension when it is built, allowed (the ``compiled`` backend, `zoo.nn.backends`) and applies to
+    ``u`` and ``items`` (tensors, and norms whose tensors count too): CPU, float32/float64, one dtype, ``u``
+    contiguous; else None."""
+    if not compiled_allowed():
+        return None
     if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) or not u.is_contiguous():
         return None
     tensors = [t for i in items for t in (i.ext_tensors() if isinstance(i, StepNorm) else [i])]

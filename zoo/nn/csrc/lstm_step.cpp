@@ -35,11 +35,11 @@ namespace {
 using at::Tensor;
 using OptT = std::optional<Tensor>;
 
-enum Kind : int64_t { NONE = 0, LN = 1, RMS = 2, BN_TRAIN = 3, AFFINE = 4 };
+enum Kind : int64_t { NONE = 0, LN = 1, RMS = 2, BN_TRAIN = 3, AFFINE = 4 };  // (Python: ext.Kind.<name>)
 
 // One normalization's configuration for a whole sequence (built once per FusedLSTM call).
 struct Norm {
-  int64_t kind = NONE;   // forward kind; AFFINE covers "none with a scale" and evaluation-mode batch norm
+  Kind kind = NONE;      // forward kind; AFFINE covers "none with a scale" and evaluation-mode batch norm
   OptT fw, fb;           // forward gain / shift (scaled), (F,) or, for AFFINE, (steps, F): row t
   OptT w;                // the unscaled gain (backward)
   OptT mean, rstd;       // saved statistics: LN/RMS (rows,), BN (steps, F); AFFINE backward: (steps, F) or none
@@ -134,7 +134,7 @@ constexpr int64_t kFeatureGrain = 256;
 // its per-row statistics go.
 template <typename T>
 struct RowNorm {
-  int64_t kind = NONE;
+  Kind kind = NONE;
   const T* fw = nullptr;     // forward gain / shift (row t of an evaluation batch norm's per-step maps)
   const T* fb = nullptr;
   const T* w = nullptr;      // backward gain (ones when absent)
@@ -1445,6 +1445,12 @@ void norm_rows_backward(Norm& n, const Tensor& dy, const Tensor& x, const Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "zoo.nn.fused: one step of the fused LSTM recurrence between its GEMMs, and the input term's norm";
+  py::enum_<Kind>(m, "Kind", py::module_local())
+      .value("NONE", NONE)
+      .value("LN", LN)
+      .value("RMS", RMS)
+      .value("BN_TRAIN", BN_TRAIN)
+      .value("AFFINE", AFFINE);
   py::class_<Norm>(m, "Norm", py::module_local())  // (module-local: builds of two levels can load in one process)
       .def(py::init<>())
       .def_readwrite("kind", &Norm::kind)
