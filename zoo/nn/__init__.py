@@ -4,6 +4,7 @@
 >>> rnn = zoo.nn.RNN("bn_lstm", 8, 16, num_layers=2, batch_first=True, max_steps=50)
 """
 
+from . import backends
 from .cells import (
     BNIndRNNCell,
     BNLSTMCell,
@@ -23,6 +24,7 @@ from .rnn import RNN, lengths_to_mask, reverse_padded
 
 __all__ = [
     "RNN",
+    "backends",
     "BNIndRNNCell",
     "BNLSTMCell",
     "GRUCell",

@@ -120,12 +120,12 @@ def load() -> ModuleType | None:
         module = _import(library(built[0])) if built else None
         _loaded[key] = module
         if module is None:
-            _say_once(
+            say_once(
                 f"the compiled CPU loops are not built (or do not load): the Python loop runs, several times "
                 f"slower; `{BUILD_COMMAND}` builds them"
             )
         elif built[0] != want:
-            _say_once(
+            say_once(
                 f"the compiled CPU loops run their {built[0]!r} build on a CPU that has {want!r}; "
                 f"`{BUILD_COMMAND}` builds that"
             )
@@ -138,7 +138,8 @@ def loaded_level() -> str | None:
     return None if module is None else Path(module.__spec__.origin).parent.name
 
 
-def _say_once(message: str) -> None:
+def say_once(message: str) -> None:
+    """Log ``message`` as a warning of the ``zoo.nn`` logger, once per process."""
     if message not in _said:
         _said.add(message)
         log.warning(message)

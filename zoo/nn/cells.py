@@ -22,10 +22,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from ._ext import say_once
+from .backends import FUSED, compiled
 from .fused import FusedGRU, FusedIndRNN, FusedLSTM, StepNorm, candidate_scale, linear, normalize_input, run_packed
 from .norm import MaskedBatchNorm, RMSNorm
+from .registry import variant
 
 State = tuple[Tensor, ...]
+BA = "Ba et al. 2016, arXiv:1607.06450"
+RMS = "Zhang & Sennrich 2019, arXiv:1910.07467"
 
 
 class RecurrentCell(nn.Module):
@@ -34,7 +39,8 @@ class RecurrentCell(nn.Module):
     state_size = 1  # number of state tensors: 1 (h) or 2 (h, c)
     num_gates = 1  # rows of W_x per hidden unit
     native: str | None = None  # "lstm" / "gru" when `native_weights` can run the vendor kernel
-    fused = False  # set by `zoo.nn.RNN`: run `fused_recurrence` (where a cell has one) instead of the step loop
+    backends: tuple[str, ...] = ("reference",)  # the `zoo.nn.backends` that run this cell, fastest first
+    backend = "reference"  # the one that runs, set by `zoo.nn.RNN`
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -55,9 +61,9 @@ class RecurrentCell(nn.Module):
     def output_transform(self, out: Tensor, mask: Tensor | None) -> Tensor:
         return out
 
-    def can_fuse(self) -> bool:
-        """Whether `fused_recurrence` may run now (it may not when it lacks something the step loop does)."""
-        return True
+    def fuse_blocker(self) -> str | None:
+        """Why `fused_recurrence` may not run now (it lacks something the step loop has), or None."""
+        return None
 
     def init_state(self, batch: int, like: Tensor) -> State:
         """The zero state, ``state_size`` tensors of shape ``(B, H)``."""
@@ -65,10 +71,14 @@ class RecurrentCell(nn.Module):
 
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         """Run the recurrence: ``x`` is ``(T, B, I)``; returns the output ``(T, B, H)`` and the final state."""
-        u = self.input_projection(x, mask)
-        if self.fused and hasattr(self, "fused_recurrence") and self.can_fuse():
-            out, state = run_packed(self.fused_recurrence, u, state, mask)
-            return self.output_transform(out, mask), state
+        with compiled(self.backend == "compiled"):
+            u = self.input_projection(x, mask)
+            if self.backend in FUSED:
+                blocker = self.fuse_blocker()
+                if blocker is None:
+                    out, state = run_packed(self.fused_recurrence, u, state, mask)
+                    return self.output_transform(out, mask), state
+                say_once(f"{type(self).__name__}: {blocker}: the reference engine runs instead of {self.backend!r}")
         outputs = []
         for t in range(x.shape[0]):
             m = None if mask is None else mask[t]
@@ -84,6 +94,7 @@ class RecurrentCell(nn.Module):
 # --------------------------------------------------------------------------------------------------------------- LSTM
 
 
+@variant("lstm", "plain LSTM, equal to torch.nn.LSTM (runs its kernel)", "Hochreiter & Schmidhuber 1997")
 class LSTMCell(RecurrentCell):
     """The plain LSTM, exactly as `torch.nn.LSTM` (same parameter names, shapes, initialisation and gate order).
 
@@ -93,6 +104,7 @@ class LSTMCell(RecurrentCell):
     state_size = 2
     num_gates = 4
     native = "lstm"
+    backends = ("native", "reference")
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
         super().__init__(input_size, hidden_size)
@@ -132,6 +144,7 @@ class LSTMCell(RecurrentCell):
         return h, (h, c)
 
 
+@variant("wn_lstm", "weight normalization of the rows of W_x and W_h", "Salimans & Kingma 2016, arXiv:1602.07868")
 class WeightNormLSTMCell(LSTMCell):
     """Weight-normalized LSTM (Salimans & Kingma 2016, eq. 2): every row of W_ih and W_hh is w = g · v / ‖v‖.
 
@@ -170,6 +183,7 @@ class _NormalizedLSTMCell(LSTMCell):
     """
 
     native = None
+    backends = ("compiled", "python", "reference")
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, forget_bias: float = 1.0) -> None:
         super().__init__(input_size, hidden_size, bias=False)
@@ -188,7 +202,7 @@ class _NormalizedLSTMCell(LSTMCell):
             self.bias.data[self.hidden_size : 2 * self.hidden_size] = self.forget_bias
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        if self.fused and self.input_norm() is not None:  # N(W_x x) + b in one node, where it applies
+        if self.backend in FUSED and self.input_norm() is not None:  # N(W_x x) + b in one node, where it applies
             u = normalize_input(self.input_norm(), x, self.weight_ih, self.bias, mask, keep_projection=True)
             if u is not None:
                 return u
@@ -238,6 +252,11 @@ def _step_bn(bn: MaskedBatchNorm, x: Tensor, t: int, mask: Tensor | None) -> Ten
 BN_STATISTICS = ("per_step", "shared")
 
 
+@variant(
+    "bn_lstm",
+    "recurrent batch norm: BN of W_x x, W_h h and c_t, per-time-step statistics (or shared; or input only)",
+    "Cooijmans et al. 2016, arXiv:1603.09025",
+)
 class BNLSTMCell(_NormalizedLSTMCell):
     """Recurrent Batch Normalization (Cooijmans et al. 2016, eqs. 6-8).
 
@@ -319,9 +338,11 @@ class BNLSTMCell(_NormalizedLSTMCell):
     def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
         return self.bn_hh, self.bn_c
 
-    def can_fuse(self) -> bool:
+    def fuse_blocker(self) -> str | None:
         # the fused recurrence has no all-reduce; the input term's BN runs outside it, synchronized or not
-        return not (self.training and self.bn_hh is not None and self.bn_hh.synchronized)
+        if self.training and self.bn_hh is not None and self.bn_hh.synchronized:
+            return "a synchronized batch norm (sync_bn) inside the recurrence needs an all-reduce at every step"
+        return None
 
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         if self.training and self.init_noise > 0:
@@ -330,6 +351,11 @@ class BNLSTMCell(_NormalizedLSTMCell):
         return super().forward(x, state, mask)
 
 
+@variant(
+    "seqbn_lstm",
+    "sequence-wise batch norm of the input term only, statistics over batch x time",
+    "Laurent et al. 2016, arXiv:1510.01378; Amodei et al. 2016",
+)
 class SeqBNLSTMCell(_NormalizedLSTMCell):
     """Sequence-wise batch normalization of the input term only (Laurent et al. 2016, eq. 10; Amodei et al. 2016).
 
@@ -386,6 +412,7 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
         return [self.weight_ih * scale.unsqueeze(1), self.weight_hh, shift, torch.zeros_like(shift)]
 
 
+@variant("ln_lstm", "layer norm of W_x x, W_h h and c_t", BA)
 class LNLSTMCell(_NormalizedLSTMCell):
     """Layer-normalized LSTM (Ba et al. 2016, eqs. 20-22).
 
@@ -422,6 +449,7 @@ class LNLSTMCell(_NormalizedLSTMCell):
         return self.ln_hh, self.ln_c
 
 
+@variant("rms_lstm", "RMSNorm in the layer-norm positions of ln_lstm", RMS)
 class RMSLSTMCell(LNLSTMCell):
     """RMSNorm LSTM (Zhang & Sennrich 2019, eq. 4) in Ba et al.'s LN positions.
 
@@ -435,6 +463,7 @@ class RMSLSTMCell(LNLSTMCell):
 # ---------------------------------------------------------------------------------------------------------------- GRU
 
 
+@variant("gru", "plain GRU, equal to torch.nn.GRU (runs its kernel)", "Cho et al. 2014")
 class GRUCell(RecurrentCell):
     """The plain GRU, exactly as `torch.nn.GRU` (same parameter names, shapes, initialisation and gate order).
 
@@ -444,6 +473,7 @@ class GRUCell(RecurrentCell):
 
     num_gates = 3
     native = "gru"
+    backends = ("native", "reference")
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
         super().__init__(input_size, hidden_size)
@@ -475,6 +505,7 @@ class GRUCell(RecurrentCell):
         return h, (h,)
 
 
+@variant("ln_gru", "layer-normalized GRU (four LNs, in the official code's positions)", BA)
 class LNGRUCell(GRUCell):
     """Layer-normalized GRU (Ba et al. 2016, supplementary; the LN positions of the official code).
 
@@ -487,6 +518,7 @@ class LNGRUCell(GRUCell):
     """
 
     native = None
+    backends = ("compiled", "python", "reference")
     norm_layer = nn.LayerNorm
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5) -> None:
@@ -504,7 +536,7 @@ class LNGRUCell(GRUCell):
         return a if b is None else a + b
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        if not self.fused:
+        if self.backend not in FUSED:
             return self._norm(linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, self.bias_ih)
         # The fused recurrence takes b_hh's r, z part in the input term (b_hn stays inside the reset gate).
         h2 = 2 * self.hidden_size
@@ -530,6 +562,7 @@ class LNGRUCell(GRUCell):
         return out, (h,)
 
 
+@variant("rms_gru", "RMSNorm in the layer-norm positions of ln_gru", RMS)
 class RMSGRUCell(LNGRUCell):
     """RMSNorm GRU (Zhang & Sennrich 2019) in the four LN positions of the LN-GRU; gains only, the biases b shift."""
 
@@ -539,6 +572,9 @@ class RMSGRUCell(LNGRUCell):
 # ------------------------------------------------------------------------------------------------------------- IndRNN
 
 
+@variant(
+    "bn_indrnn", "independently recurrent ReLU network with batch norm, |u| bounded", "Li et al. 2018, arXiv:1803.04831"
+)
 class BNIndRNNCell(RecurrentCell):
     """IndRNN with batch normalization (Li et al. 2018, eq. 2).
 
@@ -551,6 +587,8 @@ class BNIndRNNCell(RecurrentCell):
     next training forward); u starts U(0, 1).
     ``sync_bn``: synchronize the statistics over data-parallel processes (`MaskedBatchNorm`'s ``sync``).
     """
+
+    backends = ("compiled", "python", "reference")  # (compiled: its input term's norm; the recurrence is elementwise)
 
     def __init__(
         self,
@@ -585,7 +623,7 @@ class BNIndRNNCell(RecurrentCell):
             nn.init.zeros_(self.bias)
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        if self.fused and self.bn_placement == "input":  # BN(W_x x) + b in one node, where it applies
+        if self.backend in FUSED and self.bn_placement == "input":  # BN(W_x x) + b in one node, where it applies
             u = normalize_input(self.bn, x, self.weight_ih, self.bias, mask)
             if u is not None:
                 return u

@@ -1,28 +1,16 @@
-"""The registry of variants: the names that configs and published checkpoints use."""
+"""The registry of variants: the names that configs and published checkpoints use. Each cell class registers itself
+with the `variant` decorator, so `list_variants` gives them in the order `zoo.nn.cells` defines them."""
 
 from __future__ import annotations
 
 import difflib
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .cells import (
-    BNIndRNNCell,
-    BNLSTMCell,
-    GRUCell,
-    LNGRUCell,
-    LNLSTMCell,
-    LSTMCell,
-    RecurrentCell,
-    RMSGRUCell,
-    RMSLSTMCell,
-    SeqBNLSTMCell,
-    WeightNormLSTMCell,
-)
+if TYPE_CHECKING:
+    from .cells import RecurrentCell
 
-_BA = "Ba et al. 2016, arXiv:1607.06450"
-_RMS = "Zhang & Sennrich 2019, arXiv:1910.07467"
 _FIXED = ("self", "input_size", "hidden_size", "bias")
 
 
@@ -53,6 +41,19 @@ def register_variant(name: str, description: str, paper: str, cell: type[Recurre
     return _REGISTRY[name]
 
 
+Cell = TypeVar("Cell", bound="type[RecurrentCell]")
+
+
+def variant(name: str, description: str, paper: str):
+    """Class decorator: register the decorated cell as the variant ``name`` (`register_variant`)."""
+
+    def add(cell: Cell) -> Cell:
+        register_variant(name, description, paper, cell)
+        return cell
+
+    return add
+
+
 def get_variant(name: str) -> Variant:
     """The variant called ``name``; a ValueError naming the known ones (and the closest) otherwise."""
     try:
@@ -66,48 +67,3 @@ def get_variant(name: str) -> Variant:
 def list_variants() -> list[Variant]:
     """All registered variants, in registration order."""
     return list(_REGISTRY.values())
-
-
-for _args in [
-    ("lstm", "plain LSTM, equal to torch.nn.LSTM (runs its kernel)", "Hochreiter & Schmidhuber 1997", LSTMCell),
-    ("gru", "plain GRU, equal to torch.nn.GRU (runs its kernel)", "Cho et al. 2014", GRUCell),
-    (
-        "bn_lstm",
-        "recurrent batch norm: BN of W_x x, W_h h and c_t, per-time-step statistics (or shared; or input only)",
-        "Cooijmans et al. 2016, arXiv:1603.09025",
-        BNLSTMCell,
-    ),
-    (
-        "seqbn_lstm",
-        "sequence-wise batch norm of the input term only, statistics over batch x time",
-        "Laurent et al. 2016, arXiv:1510.01378; Amodei et al. 2016",
-        SeqBNLSTMCell,
-    ),
-    ("ln_lstm", "layer norm of W_x x, W_h h and c_t", _BA, LNLSTMCell),
-    (
-        "ln_gru",
-        "layer-normalized GRU (four LNs, in the official code's positions)",
-        "Ba et al. 2016, arXiv:1607.06450",
-        LNGRUCell,
-    ),
-    (
-        "rms_lstm",
-        "RMSNorm in the layer-norm positions of ln_lstm",
-        "Zhang & Sennrich 2019, arXiv:1910.07467",
-        RMSLSTMCell,
-    ),
-    ("rms_gru", "RMSNorm in the layer-norm positions of ln_gru", _RMS, RMSGRUCell),
-    (
-        "wn_lstm",
-        "weight normalization of the rows of W_x and W_h",
-        "Salimans & Kingma 2016, arXiv:1602.07868",
-        WeightNormLSTMCell,
-    ),
-    (
-        "bn_indrnn",
-        "independently recurrent ReLU network with batch norm, |u| bounded",
-        "Li et al. 2018, arXiv:1803.04831",
-        BNIndRNNCell,
-    ),
-]:
-    register_variant(*_args)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .backends import choose
 from .cells import RecurrentCell
 from .norm import MaskedBatchNorm
 from .registry import get_variant
@@ -36,8 +37,10 @@ class RNN(nn.Module):
     Args:
         variant: a name from `zoo.nn.list_variants()` ("lstm", "bn_lstm", "ln_gru", ...).
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional: as in `torch.nn.LSTM`.
-        fused: run the fastest available implementation (the vendor kernel for ``lstm``, ``gru`` and ``wn_lstm``);
-            ``False`` always runs the step-by-step reference engine.
+        backend: what runs the recurrence (`zoo.nn.backends`): ``"auto"`` (the fastest the variant has on the
+            layer's device), ``"native"``, ``"compiled"``, ``"python"`` or ``"reference"``. ``rnn.backend`` says
+            which runs; assigning it chooses again.
+        fused: an alias of ``backend``: True is ``"auto"``, False ``"reference"``.
         **options: the variant's own options (see ``zoo.nn.get_variant(name).options``), e.g. ``max_steps`` for
             ``bn_lstm``.
 
@@ -58,7 +61,8 @@ class RNN(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
-        fused: bool = True,
+        backend: str = "auto",
+        fused: bool | None = None,
         **options,
     ) -> None:
         super().__init__()
@@ -86,17 +90,34 @@ class RNN(nn.Module):
             for layer in range(num_layers)
             for _ in range(dirs)
         )
-        self.fused = fused
+        self._device_type = ""
+        self.backend = backend if fused is None else ("auto" if fused else "reference")
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs the recurrence (`zoo.nn.backends`); assigning a name or ``"auto"`` chooses again."""
+        return self.cells[0].backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.requested_backend = value
+        self._choose_backend(next(self.parameters()).device)
+
+    def _choose_backend(self, device: torch.device) -> None:
+        chosen = choose(self.requested_backend, self.variant, type(self.cells[0]).backends, device)
+        for cell in self.cells:
+            cell.backend = chosen
+        self._device_type = device.type
 
     @property
     def fused(self) -> bool:
-        """Whether the fast implementations run (set it to False for the step-by-step reference engine)."""
-        return self.cells[0].fused
+        """An alias of ``backend``: whether a backend other than ``"reference"`` runs (False sets ``"reference"``,
+        True ``"auto"``)."""
+        return self.backend != "reference"
 
     @fused.setter
     def fused(self, value: bool) -> None:
-        for cell in self.cells:
-            cell.fused = bool(value)
+        self.backend = "auto" if value else "reference"
 
     @property
     def num_directions(self) -> int:
@@ -115,7 +136,7 @@ class RNN(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
-        return s
+        return s + f", backend={self.backend!r}"
 
     def forward(
         self, input: Tensor | PackedSequence, state: StateArg = None, lengths: Tensor | None = None
@@ -129,6 +150,8 @@ class RNN(nn.Module):
         else:
             x, unbatched = self._time_major(input)
         steps, batch = x.shape[:2]
+        if x.device.type != self._device_type:  # first call on this device
+            self._choose_backend(x.device)
         if lengths is not None:
             lengths = self._check_lengths(lengths, steps, batch, x.device)
         states = self._initial_state(state, batch, x, unbatched)
@@ -140,7 +163,7 @@ class RNN(nn.Module):
         if lengths is not None:  # padding enters nothing, whatever it holds (NaN and inf too: 0 · NaN is NaN)
             x = x.masked_fill(~lengths_to_mask(lengths, x.shape[0]).unsqueeze(-1), 0)
 
-        if self.fused and self.cells[0].native is not None:
+        if self.backend != "reference" and self.cells[0].native is not None:
             out, finals = self._native(x, states, lengths)
         else:
             out, finals = self._layers(x, states, lengths)
@@ -179,7 +202,7 @@ class RNN(nn.Module):
     # ------------------------------------------------------------------------------------------------ the two engines
 
     def _layers(self, x: Tensor, states: list[Tensor], lengths: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-        """Every layer and direction runs its cell (the step-by-step engine, or the cell's fused recurrence)."""
+        """Every layer and direction runs its cell (on the reference engine, or the cell's fused recurrence)."""
         mask = None if lengths is None else lengths_to_mask(lengths, x.shape[0])
         finals: list[list[Tensor]] = [[] for _ in states]
         for layer in range(self.num_layers):
