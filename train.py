@@ -7,6 +7,8 @@ python train.py fit --help
 """
 
 from zoo.cli import main
+from zoo.runtime import tune_malloc
 
 if __name__ == "__main__":
+    tune_malloc()  # the allocator settings the speed benchmark measures with (zoo/runtime.py)
     main()

@@ -10,9 +10,10 @@ of a fresh process), and the first call (warm-up) time: building the layer and i
     python benchmarks/speed.py --variants ln_lstm bn_lstm --shapes 32,100,64,256 --repeats 5
     python benchmarks/speed.py --device cuda --json speed-cuda.json
 
-On glibc the script re-executes itself with `GLIBC_TUNABLES` raising malloc's mmap and trim thresholds, because the
-default settings return large buffers to the system after every step and the page faults that follow slow every layer,
-the native one included (about 40% on `torch.nn.LSTM` here); `--system-malloc` keeps the default. The allocator
+On glibc the script re-executes itself with `GLIBC_TUNABLES` raising malloc's mmap and trim thresholds, as `train.py`
+does (`zoo.runtime.tune_malloc`), because the default settings return large buffers to the system after every step
+and the page faults that follow slow every layer, the native one included (about 40% on `torch.nn.LSTM` here);
+`--system-malloc` keeps the default. The allocator
 settings are printed and stored with the figures.
 """
 
@@ -33,9 +34,9 @@ from torch import Tensor, nn
 
 import zoo
 import zoo.nn
+from zoo.runtime import tune_malloc
 
 SHAPES = [(32, 100, 64, 256), (64, 200, 64, 512), (100, 784, 1, 100), (64, 100, 50, 1000)]
-TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 PROBE_TUNABLES = "glibc.malloc.mmap_threshold=65536"  # the memory probe: every large buffer its own mapping
 
 
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         _memory_probe(*args.memory_probe)
         return
 
-    if not args.system_malloc and platform.libc_ver()[0] == "glibc" and "GLIBC_TUNABLES" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": TUNABLES})
+    if not args.system_malloc:
+        tune_malloc()  # as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
