@@ -1,10 +1,12 @@
 """At the end of ``test`` each task writes what a user looks at first into the run directory (`zoo.models.reports`):
 the classifier a confusion matrix and per-class accuracy, the forecaster a plot of test windows and the naive
-forecast's metrics, the language model a text sample. Tiny fits through the CLI on the shared data."""
+forecast's metrics, the language model a text sample. Tiny fits through the CLI (on the shared data where there is
+one)."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning as L
@@ -117,14 +119,16 @@ def test_forecaster_plots_test_windows_and_reports_the_naive_forecast(
     assert f"test/forecast: {run / 'forecast.png'}" in out
 
 
-@need("ptb")
 def test_language_model_writes_a_text_sample(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 200, encoding="utf-8")
     cli = main(
         [
             "fit",
             "--config",
             str(ROOT / "configs/ptb_char/lstm.yaml"),
-            f"--data.data_dir={DATA / 'ptb'}",
+            "--data=zoo.data.TextFile",
+            f"--data.path={text}",
             f"--trainer.default_root_dir={tmp_path / 'runs'}",
             "--model.hidden_size=16",
             "--data.batch_size=4",
@@ -136,7 +140,38 @@ def test_language_model_writes_a_text_sample(tmp_path: Path) -> None:
             *SMALL,
         ]
     )
-    text = (tmp_path / "runs" / "ptb_char" / "lstm" / "version_0" / "sample.txt").read_text(encoding="utf-8")
-    assert len(text) == 300  # 300 characters: one per generated token
-    assert len(cli.datamodule.encode(text.replace(" ", "_"))) == 300  # every one a symbol of the vocabulary
-    assert len(set(text)) > 1
+    sample = (tmp_path / "runs" / "ptb_char" / "lstm" / "version_0" / "sample.txt").read_text(encoding="utf-8")
+    vocab = cli.datamodule.vocab
+    assert vocab[-1] == "<unk>" and all(len(s) == 1 for s in vocab[:-1])  # characters, and <unk> for unseen ones
+    chars = sample.replace("<unk>", "")
+    assert len(chars) + (len(sample) - len(chars)) // len("<unk>") == 300  # 300 tokens
+    assert set(chars) <= set(vocab) and len(set(chars)) > 1
+
+
+@need("digits")
+def test_tensorboard_gets_the_confusion_matrix_image_and_the_tables(tmp_path: Path) -> None:
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path)}}
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            f"--data.data_dir={DATA / 'digits'}",
+            f"--trainer.logger={json.dumps(logger)}",
+            "--model.hidden_size=8",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2",
+            *SMALL,
+        ]
+    )
+    run = tmp_path / "lightning_logs" / "version_0"
+    events = event_accumulator.EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0}).Reload()
+    (image,) = events.Images("test/confusion_matrix")
+    height, width = imread(run / "confusion_matrix.png").shape[:2]
+    assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and (image.width, image.height) == (width, height)
+    (text,) = events.Tensors("test/per_class_accuracy/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    assert table.startswith("| class | samples | correct | accuracy |") and table.count("\n") == 11

@@ -28,10 +28,10 @@ class Forecaster(RecurrentModule):
     last-value forecast. Trained with MSE; MSE and MAE are
     logged on the normalized scale (``val/mse``, ``val/mae``, ``test/mse``, ``test/mae``, as the ETT literature reports)
     and, at test time, on the original scale (``test/mse_raw``, ``test/mae_raw``) with the DataModule's
-    ``target_mean`` / ``target_std``. With a `CSVForecasting` DataModule the test also logs ``test/naive_mse`` and
-    ``test/naive_mae``, those of the naive last-value forecast (`zoo.data.forecast.naive_last_value_metrics`), and
-    writes ``forecast.png`` into the run directory: a few test windows evenly spaced over the test split, with the
-    history, truth and forecast of the first target.
+    ``target_mean`` / ``target_std``. With a `CSVForecasting` DataModule whose targets are among the inputs (the
+    default), the test also logs ``test/naive_mse`` and ``test/naive_mae``, those of the naive last-value forecast
+    (`zoo.data.forecast.naive_last_value_metrics`), and writes ``forecast.png`` into the run directory: a few test
+    windows evenly spaced over the test split, with the history, truth and forecast of the first target.
 
     Args:
         variant: a `zoo.nn` variant name.
@@ -145,17 +145,25 @@ class Forecaster(RecurrentModule):
         mean, std = getattr(dm, "target_mean", None), getattr(dm, "target_std", None)
         self._scaler = None if mean is None or std is None else (mean, std)
 
+    def _reported_data(self) -> CSVForecasting | None:
+        """The trainer's DataModule if it is a `CSVForecasting` whose targets are among the inputs (then the naive
+        forecast and the history of a target exist)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if isinstance(dm, CSVForecasting) and all(t in dm.feature_columns for t in dm.target):
+            return dm
+        return None
+
     def on_test_epoch_end(self) -> None:
         """Log the naive last-value forecast's test metrics beside the model's."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if isinstance(dm, CSVForecasting):
+        dm = self._reported_data()
+        if dm is not None:
             for name, value in naive_last_value_metrics(dm, "test").items():
                 self.log(f"test/naive_{name}", value)
 
     def on_test_end(self) -> None:
         """Plot a few test windows (history, truth, forecast of the first target) into the run directory."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if not self.trainer.is_global_zero or not isinstance(dm, CSVForecasting):
+        dm = self._reported_data()
+        if dm is None or not self.trainer.is_global_zero:
             return
         windows = dm.dataset("test")
         picks = np.unique(np.linspace(0, len(windows) - 1, min(PLOTTED_WINDOWS, len(windows))).round().astype(int))
@@ -167,7 +175,8 @@ class Forecaster(RecurrentModule):
         self.train(was_training)
         target = dm.target_index[0]
         history = x[:, :, target].numpy()
-        fig = forecast_figure(history, y[:, :, 0].numpy(), pred[:, :, 0].float().numpy(), dm.target[0])
+        titles = [f"test window {i + 1} of {len(windows)}" for i in picks]
+        fig = forecast_figure(history, y[:, :, 0].numpy(), pred[:, :, 0].float().numpy(), dm.target[0], titles)
         publish_figure(self.trainer, "test/forecast", fig, "forecast.png")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -107,8 +107,11 @@ def publish_text(trainer: L.Trainer, key: str, text: str, filename: str) -> Path
     return path
 
 
-def forecast_figure(history: np.ndarray, truth: np.ndarray, forecast: np.ndarray, target: str) -> Figure:
-    """One panel per window: the target's ``history`` (n, window), then ``truth`` and ``forecast`` (n, horizon)."""
+def forecast_figure(
+    history: np.ndarray, truth: np.ndarray, forecast: np.ndarray, target: str, titles: Sequence[str]
+) -> Figure:
+    """One panel per window, titled by ``titles``: the target's ``history`` (n, window), then ``truth`` and
+    ``forecast`` (n, horizon)."""
     n, window = history.shape
     horizon = truth.shape[1]
     fig = Figure(figsize=(10, 2.2 * n + 0.6), layout="constrained")
@@ -120,6 +123,7 @@ def forecast_figure(history: np.ndarray, truth: np.ndarray, forecast: np.ndarray
         ax.plot(ahead, forecast[i], color="tab:orange", lw=1.6, ls="--", label="forecast")
         ax.axvline(0.5, color="0.6", lw=0.8, ls=":")
         ax.set_ylabel(f"{target} (normalized)")
+        ax.set_title(titles[i], fontsize="medium", loc="right")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="upper left", fontsize="small", ncols=3)
     axes[-1].set_xlabel("step relative to the last input row (0)")
