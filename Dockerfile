@@ -1,5 +1,6 @@
-# zoo on a CUDA GPU: the PyTorch base image brings torch with CUDA and cuDNN; only the project and its other
-# dependencies are installed on top (torch>=2.8 is already satisfied, so pip keeps the image's build).
+# zoo on a CUDA GPU, installed in the README's order: torch first (the PyTorch base image brings it with CUDA and
+# cuDNN; torch>=2.8 is then satisfied, so pip keeps the image's build), then the project and its other dependencies
+# (without the dev and docs extras), then the optional C++ build of the fused loops.
 #   docker build -t zoo .
 #   docker run --gpus all -v /path/to/shared/data:/workspace/shared/data -v $PWD/runs:/workspace/zoo/runs \
 #       -e WANDB_API_KEY zoo fit --config configs/ptb_char/bn_lstm.yaml

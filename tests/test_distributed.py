@@ -2,8 +2,9 @@
 
 Language modelling: every rank reads its own contiguous rows, so a 2-rank fit equals a 1-rank fit with the same global
 batch (weights and carried state; bn_lstm synchronizes its batch statistics), and validation on 2 ranks gives the
-1-rank bits per character. Classification: Lightning's distributed sampler halves each rank's epoch, checkpoints and
-logs are written once, and a 2-rank run resumes on 1 rank.
+1-rank bits per character, and rank zero writes the text sample. Classification: Lightning's distributed sampler halves
+each rank's epoch, checkpoints and logs are written once, the test's confusion matrix sums the ranks' counts, and a
+2-rank run resumes on 1 rank.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def test_language_model_on_two_ranks_equals_one_rank(tmp_path: Path, text: Path)
             _train(tmp_path, command, *lm, f"--ckpt_path={ckpt}", f"--name={split}{devices}", devices=devices)
         bpc = [_metric(tmp_path / f"runs/{split}{devices}", f"{split}/bpc") for devices in (1, 2)]
         assert bpc[0] == pytest.approx(bpc[1], rel=1e-6)
+    samples = [(tmp_path / f"runs/test{devices}/version_0/sample.txt").read_text() for devices in (1, 2)]
+    assert samples[0] == samples[1] and len(samples[0]) > 0  # rank zero's sample, from the same weights and seed
     assert bpc[0] != pytest.approx(_metric(tmp_path / "runs/val1", "val/bpc"), rel=1e-6)  # two different splits
     assert _metric(tmp_path / "runs/val1", "val/bpc") == pytest.approx(_metric(tmp_path / "runs/two", "val/bpc"))
 
@@ -125,6 +128,12 @@ def test_classifier_splits_the_epoch_writes_once_and_resumes_on_one_rank(tmp_pat
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0-step=5.ckpt", "last.ckpt"]
     assert [p.name for p in run.glob("version_*")] == ["version_0"]  # one logger: rank zero's
     assert 0.0 <= _metric(run, "val/acc") <= 1.0
+
+    # the test's confusion matrix sums the ranks' counts: 359 test images, padded by the sampler to 2 x 180
+    _train(tmp_path, "test", *args, "--ckpt_path=last", "--name=digits_test", devices=2)
+    with (tmp_path / "runs/digits_test/version_0/confusion_matrix.csv").open() as f:
+        counts = [int(c) for row in list(csv.reader(f))[1:] for c in row[1:]]
+    assert sum(counts) == 360
 
     _train(tmp_path, "fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last")
     last = torch.load(run / "checkpoints/last.ckpt", weights_only=True)

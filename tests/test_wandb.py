@@ -1,5 +1,6 @@
 """configs/logger/wandb.yaml with WANDB_MODE=offline: the run directory under $WANDB_DIR holds the resolved config
-(as a file and as the run's config) and the metrics (read back from the run's .wandb log with wandb's own protobufs)."""
+(as a file and as the run's config), the metrics (read back from the run's .wandb log with wandb's own protobufs) and
+the end-of-test report's image and table."""
 
 from __future__ import annotations
 
@@ -83,3 +84,14 @@ def test_offline_wandb_run_holds_the_config_and_the_metrics(tmp_path: Path) -> N
     assert len(history["train/loss_step"]) == 3 and len(history["val/acc"]) == 1 and len(history["test/acc"]) == 1
     assert 0.0 <= history["val/acc"][0] <= 1.0
     assert history["lr-Adam"][0] == pytest.approx(config["optimizer"]["init_args"]["lr"])
+
+    # the end-of-test report (zoo.models.reports): the confusion matrix as an image, per-class accuracy as a table,
+    # the same files as in the run directory (runs/<name>, beside the checkpoints)
+    (image,) = history["test/confusion_matrix/filenames"][0]
+    report = tmp_path / "runs" / "quickstart"
+    assert (run / "files" / image).read_bytes() == (report / "confusion_matrix.png").read_bytes()
+    table = json.loads((run / "files" / history["test/per_class_accuracy/path"][0]).read_text())
+    assert table["columns"] == ["class", "samples", "correct", "accuracy"] and len(table["data"]) == 10
+    samples, correct = (sum(int(row[i]) for row in table["data"]) for i in (1, 2))
+    assert samples == 2 * 64  # limit_test_batches=2 of batch_size 64
+    assert correct / samples == pytest.approx(history["test/acc"][0], abs=1e-6)

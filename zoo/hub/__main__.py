@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m zoo.hub", description=__doc__)
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="the published models of the manifest")
-    sub.add_parser("table", help="the manifest as a Markdown table (for the README)")
+    sub.add_parser("table", help="the manifest as a Markdown table (docs/hub.md)")
     pull = sub.add_parser("pull", help="fetch and verify a published model (for offline use); print its directory")
     pull.add_argument("name", help="a manifest name, directory, http(s) URL or hf://owner/repo[@revision]")
     pull.add_argument("--cache_dir", default=None, help="default: $ZOO_HUB_CACHE or ~/.cache/zoo/hub")

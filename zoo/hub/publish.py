@@ -293,7 +293,7 @@ def _relative_to_manifest(path: Path, manifest: str | Path | None) -> str:
 
 
 def markdown_table(manifest: str | Path = MANIFEST) -> str:
-    """The manifest as a Markdown table (for the README)."""
+    """The manifest as a Markdown table (docs/hub.md)."""
     rows = [
         "| name | task | variant | data | data licence | metric | parameters | size | training time |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from .base import RecurrentModule, build_rnn, require_dims
+from .reports import confusion_figure, publish_figure, publish_table
 
 READOUTS = ("last", "state")
 
@@ -17,7 +18,9 @@ READOUTS = ("last", "state")
 class SequenceClassifier(RecurrentModule):
     """A recurrent sequence classifier (sequential / permuted MNIST, sequential digits, UCR/UEA).
 
-    Batches are ``(x, lengths, y)``: x float (B, T, C) zero-padded, lengths long (B,), y long (B,).
+    Batches are ``(x, lengths, y)``: x float (B, T, C) zero-padded, lengths long (B,), y long (B,). At the end of
+    ``test`` the run directory gets ``confusion_matrix.png``, ``confusion_matrix.csv`` and ``per_class_accuracy.csv``
+    (see `zoo.models.reports`); class names come from the DataModule's ``class_labels`` where it has them.
 
     Args:
         variant: a `zoo.nn` variant name.
@@ -57,6 +60,7 @@ class SequenceClassifier(RecurrentModule):
         self.metrics = nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(dims["num_classes"], average="micro") for s in ("train", "val", "test")}
         )
+        self.confusion = MulticlassConfusionMatrix(dims["num_classes"])
 
     def features(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """The (B, H * directions) summary of each sequence that the head classifies."""
@@ -88,6 +92,8 @@ class SequenceClassifier(RecurrentModule):
         log = {"on_epoch": True, "prog_bar": True, "batch_size": len(y), "sync_dist": True}  # mean over ranks
         self.log(f"{split}/loss", loss, on_step=on_step, **log)
         self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if split == "test":
+            self.confusion.update(logits, y)
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -98,6 +104,29 @@ class SequenceClassifier(RecurrentModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self.confusion.reset()
+
+    def on_test_epoch_end(self) -> None:
+        """Write the test confusion matrix (PNG and CSV) and the per-class accuracy (CSV) into the run directory."""
+        matrix = self.confusion.compute().cpu().numpy()  # summed over the processes
+        if not self.trainer.is_global_zero:
+            return
+        labels = getattr(getattr(self.trainer, "datamodule", None), "class_labels", None) or []
+        if len(labels) != len(matrix):
+            labels = [str(k) for k in range(len(matrix))]
+        support, correct = matrix.sum(axis=1), matrix.diagonal()
+        trainer = self.trainer
+        publish_figure(trainer, "test/confusion_matrix", confusion_figure(matrix, labels), "confusion_matrix.png")
+        counts = [[label, *map(int, row)] for label, row in zip(labels, matrix, strict=True)]
+        publish_table(trainer, "test/confusion_counts", ["true/predicted", *labels], counts, "confusion_matrix.csv")
+        per_class = [
+            [label, int(n), int(c), f"{c / n:.4f}" if n else "nan"]
+            for label, n, c in zip(labels, support, correct, strict=True)
+        ]
+        columns = ["class", "samples", "correct", "accuracy"]
+        publish_table(trainer, "test/per_class_accuracy", columns, per_class, "per_class_accuracy.csv")
 
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """Predicted class ids (B,)."""

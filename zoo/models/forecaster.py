@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
+from zoo.data.forecast import CSVForecasting, naive_last_value_metrics
+
 from .base import RecurrentModule, build_rnn, require_dims
+from .reports import forecast_figure, publish_figure
+
+PLOTTED_WINDOWS = 4
 
 
 class Forecaster(RecurrentModule):
@@ -22,7 +28,10 @@ class Forecaster(RecurrentModule):
     last-value forecast. Trained with MSE; MSE and MAE are
     logged on the normalized scale (``val/mse``, ``val/mae``, ``test/mse``, ``test/mae``, as the ETT literature reports)
     and, at test time, on the original scale (``test/mse_raw``, ``test/mae_raw``) with the DataModule's
-    ``target_mean`` / ``target_std``.
+    ``target_mean`` / ``target_std``. With a `CSVForecasting` DataModule whose targets are among the inputs (the
+    default), the test also logs ``test/naive_mse`` and ``test/naive_mae``, those of the naive last-value forecast
+    (`zoo.data.forecast.naive_last_value_metrics`), and writes ``forecast.png`` into the run directory: a few test
+    windows evenly spaced over the test split, with the history, truth and forecast of the first target.
 
     Args:
         variant: a `zoo.nn` variant name.
@@ -135,6 +144,40 @@ class Forecaster(RecurrentModule):
         dm = getattr(self.trainer, "datamodule", None)
         mean, std = getattr(dm, "target_mean", None), getattr(dm, "target_std", None)
         self._scaler = None if mean is None or std is None else (mean, std)
+
+    def _reported_data(self) -> CSVForecasting | None:
+        """The trainer's DataModule if it is a `CSVForecasting` whose targets are among the inputs (then the naive
+        forecast and the history of a target exist)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if isinstance(dm, CSVForecasting) and all(t in dm.feature_columns for t in dm.target):
+            return dm
+        return None
+
+    def on_test_epoch_end(self) -> None:
+        """Log the naive last-value forecast's test metrics beside the model's."""
+        dm = self._reported_data()
+        if dm is not None:
+            for name, value in naive_last_value_metrics(dm, "test").items():
+                self.log(f"test/naive_{name}", value)
+
+    def on_test_end(self) -> None:
+        """Plot a few test windows (history, truth, forecast of the first target) into the run directory."""
+        dm = self._reported_data()
+        if dm is None or not self.trainer.is_global_zero:
+            return
+        windows = dm.dataset("test")
+        picks = np.unique(np.linspace(0, len(windows) - 1, min(PLOTTED_WINDOWS, len(windows))).round().astype(int))
+        x, y = (torch.stack(t) for t in zip(*(windows[int(i)] for i in picks), strict=True))
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            pred = self(x.to(self.device)).cpu()
+        self.train(was_training)
+        target = dm.target_index[0]
+        history = x[:, :, target].numpy()
+        titles = [f"test window {i + 1} of {len(windows)}" for i in picks]
+        fig = forecast_figure(history, y[:, :, 0].numpy(), pred[:, :, 0].float().numpy(), dm.target[0], titles)
+        publish_figure(self.trainer, "test/forecast", fig, "forecast.png")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "val")
