@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import operator
 import os
 import re
 import sys
+from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -91,6 +93,7 @@ class ZooCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        _integers_first(parser)
         parser.link_arguments("data.dims", "model.init_args.dims", apply_on="instantiate")
         parser.add_argument(
             "--name", type=str | None, default=None, help="run name (default: <datamodule>[_<data.name>]_<variant>)"
@@ -216,6 +219,20 @@ class ZooCLI(LightningCLI):
             for key, value in sorted(results[0].items() if results else []):
                 split, _, metric = key.partition("/")
                 print(f"{split} {METRIC_NAMES.get(metric, metric)}: {value:.4f}")
+
+
+def _integers_first(parser: LightningArgumentParser) -> None:
+    """Parse an integer as an int where an option takes ``int`` or ``float`` (``limit_*_batches``,
+    ``val_check_interval``, ``overfit_batches``): ``--trainer.limit_test_batches 1`` is one batch, 1.0 all of them.
+
+    typing caches unions and treats ``Union[int, float]`` and ``Union[float, int]`` as equal, so the Trainer's
+    annotations can come out float first; jsonargparse tries a union's types in order, and float accepts 1 as 1.0.
+    """
+    for action in parser._actions:
+        args = get_args(getattr(action, "_typehint", None))
+        if int in args and float in args and args.index(float) < args.index(int):
+            ordered = [int, *(a for a in args if a is not int)]
+            action._typehint = reduce(operator.or_, ordered)  # an `int | float` keeps its order
 
 
 def _tensor_outputs(outputs: list) -> Any:
