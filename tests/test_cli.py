@@ -182,3 +182,11 @@ def test_an_integer_limit_is_a_number_of_batches_a_float_a_fraction(tmp_path: Pa
     for option in options:
         assert getattr(cli.trainer, option) == number(limit) and type(getattr(cli.trainer, option)) is number, option
     assert type(cli.config.trainer.val_check_interval) is number
+
+
+def test_a_fit_that_ends_before_any_validation_still_leaves_last_ckpt(tmp_path: Path) -> None:
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
+    args += ["--model.hidden_size=4", f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false", *SMALL]
+    main(["fit", *args, "--trainer.max_steps=3", "--trainer.val_check_interval=0.5"])  # validation at step 10
+    last = torch.load(tmp_path / "quickstart" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3

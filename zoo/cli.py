@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
 from zoo import hub
-from zoo.callbacks import ExactResume
+from zoo.callbacks import ExactResume, LastCheckpoint
 from zoo.models.base import RecurrentModule
 
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
@@ -178,12 +178,9 @@ class ZooCLI(LightningCLI):
             # Lightning 2.6 writes last.ckpt only when a new best is saved; keep the latest state at every save instead
             best.save_last = False
             callbacks.append(
-                ModelCheckpoint(
-                    dirpath=best.dirpath,
-                    filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
-                    monitor=None,
+                LastCheckpoint(
+                    best.dirpath,
                     save_weights_only=best.save_weights_only,
-                    enable_version_counter=False,
                     every_n_train_steps=best._every_n_train_steps,
                     every_n_epochs=best._every_n_epochs,
                     train_time_interval=best._train_time_interval,
