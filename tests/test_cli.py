@@ -190,3 +190,19 @@ def test_a_fit_that_ends_before_any_validation_still_leaves_last_ckpt(tmp_path: 
     main(["fit", *args, "--trainer.max_steps=3", "--trainer.val_check_interval=0.5"])  # validation at step 10
     last = torch.load(tmp_path / "quickstart" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3
+
+
+def test_model_options_that_contradict_the_checkpoint_are_refused(tmp_path: Path) -> None:
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false", *SMALL]
+    main(["fit", *args, "--model.hidden_size=16", "--trainer.max_steps=1"])
+    ckpt = f"--ckpt_path={tmp_path / 'quickstart' / 'checkpoints' / 'last.ckpt'}"
+    test = ["test", *args, ckpt, "--trainer.limit_test_batches=1"]
+    with pytest.raises(ValueError) as refused:
+        main([*test, "--model.variant", "rms_lstm", "--model.init_args.hidden_size=32", "--model.num_layers=2"])
+    message = str(refused.value)
+    assert "--model.hidden_size 32 (the checkpoint has 16), --model.variant 'rms_lstm' (the checkpoint has " in message
+    assert "'ln_lstm')" in message and "num_layers" not in message and ckpt[len("--ckpt_path=") :] in message
+    # options that agree with it, and config files (hidden_size: 128), are fine: the checkpoint's model is tested
+    cli = main([*test, "--model.hidden_size=16", "--model.variant=ln_lstm"])
+    assert cli.model.hparams.hidden_size == 16 and cli.model.variant == "ln_lstm"

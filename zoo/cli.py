@@ -78,6 +78,7 @@ class ZooCLI(LightningCLI):
     """
 
     _published: hub.Published | None = None  # the model of --ckpt_path pretrained:<model>
+    _model_flags: set[str] = set()  # the model options given on the command line (--model.<name>)
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", ZooSaveConfig)
@@ -121,6 +122,36 @@ class ZooCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "trainer.default_root_dir": "runs"})
         parser.add_optimizer_args((Optimizer,))
         parser.set_defaults({"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}})
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, and keep the ``--model.<name>`` options the command line gives."""
+        argv = args if isinstance(args, list) else sys.argv[1:] if args is None else []
+        self._model_flags = {
+            arg[len("--model.") :].split("=")[0].removeprefix("init_args.").split(".")[0]
+            for arg in argv
+            if isinstance(arg, str) and arg.startswith("--model.")
+        }
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse ``--model.<name>`` options that contradict the hyperparameters of the ``--ckpt_path`` checkpoint,
+        which LightningCLI rebuilds the model from (config files give way to them silently, as in Lightning)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file() and self._model_flags:
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            given = self.config[subcommand].model.init_args
+            clashes = [
+                f"--model.{name} {given[name]!r} (the checkpoint has {hparams[name]!r})"
+                for name in sorted(self._model_flags)
+                if name in hparams and name in given and _plain(given[name]) != hparams[name]
+            ]
+            if clashes:
+                raise ValueError(
+                    f"{', '.join(clashes)}: the model is rebuilt from the hyperparameters of --ckpt_path {ckpt_path}; "
+                    "drop these options, or give a checkpoint that has them"
+                )
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -230,6 +261,11 @@ def _integers_first(parser: LightningArgumentParser) -> None:
         if int in args and float in args and args.index(float) < args.index(int):
             ordered = [int, *(a for a in args if a is not int)]
             action._typehint = reduce(operator.or_, ordered)  # an `int | float` keeps its order
+
+
+def _plain(value: Any) -> Any:
+    """A parsed value as the plain types a checkpoint's hyperparameters hold (a Namespace as a dict)."""
+    return value.as_dict() if isinstance(value, Namespace) else value
 
 
 def _tensor_outputs(outputs: list) -> Any:
