@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -148,11 +148,10 @@ class LastCheckpoint(ModelCheckpoint):
             filename=self.CHECKPOINT_NAME_LAST,
             monitor=None,
             enable_version_counter=False,
-            save_on_exception=True,
             **kwargs,
         )
         self._signum: int | None = None
-        self._sigint_handler: Any = None
+        self._sigint_handler: Callable[[int, FrameType | None], Any] | int | None = None
 
     @property
     def path(self) -> Path:
@@ -179,16 +178,20 @@ class LastCheckpoint(ModelCheckpoint):
         self._signum = signum
         handler(signum, frame)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+    def _save_unless_saved(self, trainer: L.Trainer) -> None:
+        """Save last.ckpt unless it already holds this step (or this is a sanity check or a fast_dev_run)."""
+        if not (trainer.fast_dev_run or trainer.sanity_checking or self._last_global_step_saved == trainer.global_step):
             self._save_checkpoint(trainer, str(self.path))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_unless_saved(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             return  # raised anywhere, in the middle of a step too: the state may be half updated
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
-            super().on_exception(trainer, pl_module, exception)
+            self._save_unless_saved(trainer)
         if isinstance(exception, SIGTERMException):
             signum = self._signum or signal.SIGTERM
             exception.code = 128 + signum
