@@ -14,7 +14,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from zoo.cli import ZooCLI
+from zoo.cli import ZooCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -168,3 +168,41 @@ def test_save_weights_only_applies_to_the_last_checkpoint_too(tmp_path: Path) ->
     assert [p.name for p in checkpoints][-1] == "last.ckpt" and len(checkpoints) == 2
     for path in checkpoints:
         assert "optimizer_states" not in torch.load(path, weights_only=True), path.name
+
+
+@pytest.mark.parametrize(("limit", "batches"), [("1", 1), ("2", 2), ("1.0", 6), ("0.5", 3)])
+def test_an_integer_limit_is_a_number_of_batches_a_float_a_fraction(tmp_path: Path, limit: str, batches: int) -> None:
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
+    args += ["--model.hidden_size=4", f"--trainer.default_root_dir={tmp_path}", *SMALL]
+    cli = main(["test", *args, f"--trainer.limit_test_batches={limit}"])
+    assert cli.trainer.num_test_batches == [batches]  # 359 test images in batches of 64: 6 batches
+    number = int if "." not in limit else float
+    options = ["limit_train_batches", "limit_val_batches", "limit_predict_batches", "overfit_batches"]
+    cli = ZooCLI(args=[*args, *(f"--trainer.{o}={limit}" for o in [*options, "val_check_interval"])], run=False)
+    for option in options:
+        assert getattr(cli.trainer, option) == number(limit) and type(getattr(cli.trainer, option)) is number, option
+    assert type(cli.config.trainer.val_check_interval) is number
+
+
+def test_a_fit_that_ends_before_any_validation_still_leaves_last_ckpt(tmp_path: Path) -> None:
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
+    args += ["--model.hidden_size=4", f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false", *SMALL]
+    main(["fit", *args, "--trainer.max_steps=3", "--trainer.val_check_interval=0.5"])  # validation at step 10
+    last = torch.load(tmp_path / "quickstart" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+
+
+def test_model_options_that_contradict_the_checkpoint_are_refused(tmp_path: Path) -> None:
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false", *SMALL]
+    main(["fit", *args, "--model.hidden_size=16", "--trainer.max_steps=1"])
+    ckpt = f"--ckpt_path={tmp_path / 'quickstart' / 'checkpoints' / 'last.ckpt'}"
+    test = ["test", *args, ckpt, "--trainer.limit_test_batches=1"]
+    with pytest.raises(ValueError) as refused:
+        main([*test, "--model.variant", "rms_lstm", "--model.init_args.hidden_size=32", "--model.num_layers=2"])
+    message = str(refused.value)
+    assert "--model.hidden_size 32 (the checkpoint has 16), --model.variant 'rms_lstm' (the checkpoint has " in message
+    assert "'ln_lstm')" in message and "num_layers" not in message and ckpt[len("--ckpt_path=") :] in message
+    # options that agree with it, and config files (hidden_size: 128), are fine: the checkpoint's model is tested
+    cli = main([*test, "--model.hidden_size=16", "--model.variant=ln_lstm"])
+    assert cli.model.hparams.hidden_size == 16 and cli.model.variant == "ln_lstm"

@@ -79,10 +79,10 @@ def test_language_model_on_two_ranks_equals_one_rank(tmp_path: Path, text: Path)
         "--model=zoo.models.LanguageModel",
         "--model.variant=bn_lstm",
         "--model.hidden_size=16",
-        # SGD: the weights then differ by lr times the gradients' float32 rounding (one rank runs the fused path, two
-        # the synchronized step-by-step one: about 1e-5 of the gradients' norm), well within atol=1e-4, while a wrong
-        # average or split moves them by lr times the gradients themselves; Adam's normalization would blow the
-        # rounding up for near-zero gradients.
+        # float64 and SGD: one rank runs the fused path, two the synchronized step-by-step one, whose float32
+        # roundings differ by about 1e-5 of the gradients (more on some CPUs, e.g. AVX-512); in float64 by about
+        # 1e-14, so the weights agree to 1e-9, while a wrong average or split moves them by lr times the gradients.
+        "--trainer.precision=64",
         "--optimizer=torch.optim.SGD",
         "--optimizer.lr=0.5",
     ]
@@ -94,17 +94,18 @@ def test_language_model_on_two_ranks_equals_one_rank(tmp_path: Path, text: Path)
     two = torch.load(tmp_path / "runs/two/checkpoints/last.ckpt", weights_only=True)
     assert one["global_step"] == two["global_step"] == 4
     for name, value in one["state_dict"].items():  # weights and running statistics
-        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-4, atol=1e-4, msg=name)
+        assert value.dtype == torch.float64 or not value.is_floating_point(), name
+        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-9, atol=1e-9, msg=name)
     assert two["carried_state"][0].shape == (1, 4, 16)  # all 4 rows, gathered from the ranks
     for a, b in zip(two["carried_state"], one["carried_state"], strict=True):  # (a forward pass of those weights)
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
     ckpt = str(tmp_path / "runs/two/checkpoints/last.ckpt")
     for split, command in (("val", "validate"), ("test", "test")):
         for devices in (1, 2):
             _train(tmp_path, command, *lm, f"--ckpt_path={ckpt}", f"--name={split}{devices}", devices=devices)
         bpc = [_metric(tmp_path / f"runs/{split}{devices}", f"{split}/bpc") for devices in (1, 2)]
-        assert bpc[0] == pytest.approx(bpc[1], rel=1e-6)
+        assert bpc[0] == pytest.approx(bpc[1], rel=1e-6)  # (the logged metrics are float32)
     samples = [(tmp_path / f"runs/test{devices}/version_0/sample.txt").read_text() for devices in (1, 2)]
     assert samples[0] == samples[1] and len(samples[0]) > 0  # rank zero's sample, from the same weights and seed
     assert bpc[0] != pytest.approx(_metric(tmp_path / "runs/val1", "val/bpc"), rel=1e-6)  # two different splits

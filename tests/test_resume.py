@@ -57,7 +57,22 @@ class TinyText(L.LightningDataModule):
         return self._loader(1)
 
 
-def _fit(tmp: Path, config: str, extra: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+COMMON = [  # a deterministic fit of 30 steps that saves last.ckpt every 5
+    "--seed_everything=3",
+    "--trainer.max_steps=30",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.limit_val_batches=2",
+    "--trainer.deterministic=true",
+    "--trainer.gradient_clip_val=1.0",
+    "--checkpoint.every_n_train_steps=5",
+]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "WANDB_MODE": "disabled"}
+
+
+def _fit(tmp: Path, config: str, extra: list[str], env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", config, *extra]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
 
@@ -104,29 +119,16 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path: Path, task: s
     (tmp_path / "kill.yaml").write_text(
         "trainer:\n  callbacks:\n    - class_path: test_resume.SigkillAt\n      init_args: {step: 25}\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "WANDB_MODE": "disabled"}
-    common = [
-        "--seed_everything=3",
-        "--trainer.max_steps=30",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.limit_val_batches=2",
-        "--trainer.deterministic=true",
-        "--trainer.gradient_clip_val=1.0",
-        "--checkpoint.every_n_train_steps=5",
-    ]
 
-    full = _fit(tmp_path, "config.yaml", [*common, "--name=full"], env)
+    full = _fit(tmp_path, "config.yaml", [*COMMON, "--name=full"], ENV)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    killed = _fit(tmp_path, "config.yaml", [*common, "--name=killed", "--config=kill.yaml"], env)
+    killed = _fit(tmp_path, "config.yaml", [*COMMON, "--name=killed", "--config=kill.yaml"], ENV)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = tmp_path / "runs" / "killed" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 25
 
-    resumed = _fit(tmp_path, "config.yaml", [*common, "--name=killed", "--ckpt_path=last"], env)
+    resumed = _fit(tmp_path, "config.yaml", [*COMMON, "--name=killed", "--ckpt_path=last"], ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint path" in resumed.stderr + resumed.stdout
 

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import random
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 
@@ -122,6 +129,80 @@ class ExactResume(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_state(state_dict["rng"])
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Keep ``<dirpath>/last.ckpt``, the latest state of a fit: at every save of the run's schedule, when training ends
+    for any reason (``max_steps``, ``max_epochs``, ``max_time``, early stopping) and when it is stopped by SIGTERM,
+    SIGINT (Ctrl-C) or an error.
+
+    SIGTERM (``kill``, ``docker stop``, Kubernetes) and SIGINT let the current training step finish (Lightning's signal
+    connector; SIGINT is routed to it during fit), then last.ckpt is saved where resuming with ``--ckpt_path last`` is
+    exact, a message says where it is, and the process exits with status 128 + the signal's number. A second Ctrl-C
+    stops at once without saving (the interrupted step may be half done).
+    """
+
+    def __init__(self, dirpath: str, **kwargs: Any) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            enable_version_counter=False,
+            **kwargs,
+        )
+        self._signum: int | None = None
+        self._sigint_handler: Callable[[int, FrameType | None], Any] | int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The path of ``last.ckpt``."""
+        return Path(self.dirpath or ".", self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._signum = None
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._sigint_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._sigint_handler is not None:
+            signal.signal(signal.SIGINT, self._sigint_handler)
+            self._sigint_handler = None
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        """A first Ctrl-C stops like SIGTERM, after the current step (Lightning's SIGTERM handler raises the flag the
+        loops check); a second one, or one before Lightning's handler is in place, raises KeyboardInterrupt."""
+        handler = signal.getsignal(signal.SIGTERM)
+        if self._signum is not None or not callable(handler):
+            raise KeyboardInterrupt
+        self._signum = signum
+        handler(signum, frame)
+
+    def _save_unless_saved(self, trainer: L.Trainer) -> None:
+        """Save last.ckpt unless it already holds this step (or this is a sanity check or a fast_dev_run)."""
+        if not (trainer.fast_dev_run or trainer.sanity_checking or self._last_global_step_saved == trainer.global_step):
+            self._save_checkpoint(trainer, str(self.path))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_unless_saved(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            return  # raised anywhere, in the middle of a step too: the state may be half updated
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self._save_unless_saved(trainer)
+        if isinstance(exception, SIGTERMException):
+            signum = self._signum or signal.SIGTERM
+            exception.code = 128 + signum
+            if trainer.is_global_zero:
+                saved = (
+                    f"the latest state (step {trainer.global_step}) is in {self.path}; resume with the same command "
+                    "and --ckpt_path last"
+                    if fitting and self.path.is_file()
+                    else "nothing saved"
+                )
+                print(f"Stopped by {signal.Signals(signum).name}: {saved}", file=sys.stderr, flush=True)
 
 
 class TrainClock(L.Callback):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import operator
 import os
 import re
 import sys
+from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -21,8 +23,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
 from zoo import hub
-from zoo.callbacks import ExactResume
-from zoo.checkpoints import check_ckpt_path
+from zoo.callbacks import ExactResume, LastCheckpoint
+from zoo.checkpoints import check_ckpt_path, load_checkpoint
 from zoo.models.base import RecurrentModule
 
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
@@ -79,6 +81,7 @@ class ZooCLI(LightningCLI):
     """
 
     _published: hub.Published | None = None  # the model of --ckpt_path pretrained:<model>
+    _model_flags: set[str] = set()  # the model options given on the command line (--model.<name>)
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", ZooSaveConfig)
@@ -94,6 +97,7 @@ class ZooCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        _integers_first(parser)
         parser.link_arguments("data.dims", "model.init_args.dims", apply_on="instantiate")
         parser.add_argument(
             "--name", type=str | None, default=None, help="run name (default: <datamodule>[_<data.name>]_<variant>)"
@@ -121,6 +125,16 @@ class ZooCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "trainer.default_root_dir": "runs"})
         parser.add_optimizer_args((Optimizer,))
         parser.set_defaults({"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}})
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, and keep the ``--model.<name>`` options the command line gives."""
+        argv = args if isinstance(args, list) else sys.argv[1:] if args is None else []
+        self._model_flags = {
+            arg[len("--model.") :].split("=")[0].removeprefix("init_args.").split(".")[0]
+            for arg in argv
+            if isinstance(arg, str) and arg.startswith("--model.")
+        }
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -167,21 +181,37 @@ class ZooCLI(LightningCLI):
                 logger.init_args.name = name
 
     def _parse_ckpt_path(self) -> None:
-        """Have the Trainer read every checkpoint weights-only and read ``--ckpt_path`` now (`zoo.checkpoints`), so
-        that a checkpoint that is missing, corrupt or carries code stops the command before any work starts; then
-        Lightning's own step (the checkpoint's hyperparameters into the config)."""
+        """Before Lightning's own step (the checkpoint's hyperparameters into the config): have the Trainer read every
+        checkpoint weights-only and read ``--ckpt_path`` now (`zoo.checkpoints`), so that a checkpoint that is missing,
+        corrupt or carries code stops the command before any work starts; and refuse ``--model.<name>`` options that
+        contradict the checkpoint's hyperparameters, which LightningCLI rebuilds the model from (config files give way
+        to them silently, as in Lightning)."""
         subcommand = self.config.get("subcommand")
-        if subcommand:
-            cfg = self.config[subcommand]
-            if cfg.get("weights_only") is False:
+        if not subcommand:
+            return
+        cfg = self.config[subcommand]
+        if cfg.get("weights_only") is False:
+            raise ValueError(
+                "--weights_only false is refused: a full pickle can run code when it is loaded, so the zoo reads "
+                "checkpoints weights-only (see SECURITY.md)"
+            )
+        cfg.weights_only = True
+        ckpt_path = cfg.get("ckpt_path")
+        if isinstance(ckpt_path, str) and not ckpt_path.startswith(PRETRAINED):
+            check_ckpt_path(ckpt_path)
+        if ckpt_path and Path(ckpt_path).is_file() and self._model_flags:
+            hparams = load_checkpoint(ckpt_path).get("hyper_parameters", {})
+            given = cfg.model.init_args
+            clashes = [
+                f"--model.{name} {given[name]!r} (the checkpoint has {hparams[name]!r})"
+                for name in sorted(self._model_flags)
+                if name in hparams and name in given and _plain(given[name]) != hparams[name]
+            ]
+            if clashes:
                 raise ValueError(
-                    "--weights_only false is refused: a full pickle can run code when it is loaded, so the zoo reads "
-                    "checkpoints weights-only (see SECURITY.md)"
+                    f"{', '.join(clashes)}: the model is rebuilt from the hyperparameters of --ckpt_path {ckpt_path}; "
+                    "drop these options, or give a checkpoint that has them"
                 )
-            cfg.weights_only = True
-            ckpt_path = cfg.get("ckpt_path")
-            if isinstance(ckpt_path, str) and not ckpt_path.startswith(PRETRAINED):
-                check_ckpt_path(ckpt_path)
         super()._parse_ckpt_path()
 
     def after_instantiate_classes(self) -> None:
@@ -198,12 +228,9 @@ class ZooCLI(LightningCLI):
             # Lightning 2.6 writes last.ckpt only when a new best is saved; keep the latest state at every save instead
             best.save_last = False
             callbacks.append(
-                ModelCheckpoint(
-                    dirpath=best.dirpath,
-                    filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
-                    monitor=None,
+                LastCheckpoint(
+                    best.dirpath,
                     save_weights_only=best.save_weights_only,
-                    enable_version_counter=False,
                     every_n_train_steps=best._every_n_train_steps,
                     every_n_epochs=best._every_n_epochs,
                     train_time_interval=best._train_time_interval,
@@ -239,6 +266,25 @@ class ZooCLI(LightningCLI):
             for key, value in sorted(results[0].items() if results else []):
                 split, _, metric = key.partition("/")
                 print(f"{split} {METRIC_NAMES.get(metric, metric)}: {value:.4f}")
+
+
+def _integers_first(parser: LightningArgumentParser) -> None:
+    """Parse an integer as an int where an option takes ``int`` or ``float`` (``limit_*_batches``,
+    ``val_check_interval``, ``overfit_batches``): ``--trainer.limit_test_batches 1`` is one batch, 1.0 all of them.
+
+    typing caches unions and treats ``Union[int, float]`` and ``Union[float, int]`` as equal, so the Trainer's
+    annotations can come out float first; jsonargparse tries a union's types in order, and float accepts 1 as 1.0.
+    """
+    for action in parser._actions:
+        args = get_args(getattr(action, "_typehint", None))
+        if int in args and float in args and args.index(float) < args.index(int):
+            ordered = [int, *(a for a in args if a is not int)]
+            action._typehint = reduce(operator.or_, ordered)  # an `int | float` keeps its order
+
+
+def _plain(value: Any) -> Any:
+    """A parsed value as the plain types a checkpoint's hyperparameters hold (a Namespace as a dict)."""
+    return value.as_dict() if isinstance(value, Namespace) else value
 
 
 def _tensor_outputs(outputs: list) -> Any:

@@ -6,6 +6,8 @@ import os
 from typing import IO, Any
 
 import lightning as L
+import torch
+from torch import Tensor
 
 from zoo.checkpoints import load_checkpoint
 from zoo.nn import RNN, get_variant
@@ -63,10 +65,47 @@ class RecurrentModule(L.LightningModule):
 
     Subclasses set ``monitor`` (e.g. ``"val/acc"``) and ``monitor_mode`` (``"min"`` or ``"max"``); the CLI points its
     ModelCheckpoint at them, so every task keeps its best checkpoint on its own validation metric.
+
+    A non-finite training loss stops training with a FloatingPointError before its backward pass and optimizer step,
+    and the buffers (running statistics) that the step's forward pass updated are put back as they were before it, so
+    neither the weights nor the statistics are poisoned (nor a checkpoint saved on the error).
     """
 
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+    _before_step: dict[str, Tensor] | None = None
+    _batch_idx: int = 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Copy the floating-point buffers (into the same tensors at every step) before the step changes them."""
+        self._batch_idx = batch_idx
+        buffers = {name: b for name, b in self.named_buffers() if b.is_floating_point()}
+        with torch.no_grad():
+            if self._before_step is None or self._before_step.keys() != buffers.keys():
+                self._before_step = {name: b.detach().clone() for name, b in buffers.items()}
+            else:
+                for name, b in buffers.items():
+                    self._before_step[name].copy_(b)
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop on a non-finite loss, with the buffers as they were before this step (`restore_before_step`)."""
+        if bool(torch.isfinite(loss).all()):
+            return
+        self.restore_before_step()
+        raise FloatingPointError(
+            f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{self._batch_idx}): training stopped before that step's update; the weights and running statistics are "
+            "as before it. Look for non-finite values in that batch, or lower the learning rate or clip gradients."
+        )
+
+    def restore_before_step(self) -> None:
+        """Put the state that a training step's forward pass changes back as it was before the step: the buffers."""
+        if self._before_step is None:
+            return
+        with torch.no_grad():
+            for name, b in self.named_buffers():
+                if name in self._before_step:
+                    b.copy_(self._before_step[name])
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

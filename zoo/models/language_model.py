@@ -82,6 +82,7 @@ class LanguageModel(RecurrentModule):
         self.perplexity = nn.ModuleDict({f"{s}_ppl": Perplexity() for s in ("val", "test")})
         self.vocab: list[str] | None = None
         self._states: dict[str, State | None] = dict.fromkeys(SPLITS)
+        self._carried_before: State | None = None
 
     # ------------------------------------------------------------------------------------------------------ the model
 
@@ -142,6 +143,15 @@ class LanguageModel(RecurrentModule):
 
     def on_train_epoch_start(self) -> None:
         self._states["train"] = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self._carried_before = self._states["train"]
+
+    def restore_before_step(self) -> None:
+        """The buffers and the carried hidden state, as before the step."""
+        super().restore_before_step()
+        self._states["train"] = self._carried_before
 
     def on_validation_epoch_start(self) -> None:
         self._states["val"] = None

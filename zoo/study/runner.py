@@ -187,7 +187,7 @@ def execute(run: Run, out: Path, threads: int) -> dict[str, Any]:
         if rc != 0:
             return _failed(rdir, f"fit exited with {rc}; see {log}")
         rows = read_metrics(rdir)
-        if not last_test_metrics(rows):  # Lightning exits 0 when a SIGTERM stops the fit early: not finished
+        if not last_test_metrics(rows):  # no test metrics logged: the fit did not finish
             return _failed(rdir, f"fit ended without its test (stopped early?); see {log}")
         points = curve(rows)
         write_curve(rdir / "curve.csv", points)
