@@ -193,7 +193,7 @@ def test_an_unknown_variant_or_model_class_is_refused_before_anything_is_built(
     _, out = digits
     bad = _copy(out, tmp_path / "variant")
     _edit_config(bad, lambda c: c["model"]["init_args"].update(variant="xl_lstm"))
-    with pytest.raises(hub.HubError, match=r"unknown variant 'xl_lstm' \(known: lstm, gru, bn_lstm"):
+    with pytest.raises(hub.HubError, match=r"unknown variant 'xl_lstm' \(known: lstm, .*bn_lstm"):
         hub.load_pretrained(bad)
     bad = _copy(out, tmp_path / "class")
     _edit_config(bad, lambda c: c["model"].update(class_path="os.system"))
