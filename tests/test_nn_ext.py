@@ -197,6 +197,11 @@ def test_no_ext_env_forces_the_python_loop(monkeypatch) -> None:
     assert spy.forward == spy.backward == 0
 
 
+def test_the_compiled_batch_norm_keeps_the_modules_minimum_of_rows(extension) -> None:
+    """A step moves the running statistics only from `zoo.nn.norm.MIN_ROWS` valid rows, in C++ as in Python."""
+    assert extension.MIN_ROWS == zoo.nn.norm.MIN_ROWS == 2
+
+
 def test_load_never_compiles(monkeypatch, tmp_path) -> None:
     """Without a built library in the cache, `load` returns None at once (the layer runs the Python loop)."""
     monkeypatch.setenv("ZOO_EXT_DIR", str(tmp_path))

@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import _ext
 from .backends import compiled_allowed
-from .norm import MaskedBatchNorm
+from .norm import MIN_ROWS, MaskedBatchNorm
 
 aten = torch.ops.aten
 
@@ -220,7 +220,7 @@ class StepNorm:
         if not bn.training:
             return torch.addcmul(self.eval_shift[t], z, self.eval_scale[t])
         row = t if bn.per_step else 0  # shared statistics: every step moves the one row
-        update = z.shape[0] >= 2 and row < bn.running_mean.shape[0]  # as the reference: < 2 rows leave them alone
+        update = z.shape[0] >= MIN_ROWS and row < bn.running_mean.shape[0]
         rm = bn.running_mean[row] if update else None
         rv = bn.running_var[row] if update else None
         y, mean, rstd = torch.native_batch_norm(z, self.fwd_weight, self.fwd_bias, rm, rv, True, bn.momentum, self.eps)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 PAST_MAX_STEPS = ("reuse", "error")
+MIN_ROWS = 2  # a training step's batch statistics move the running ones only from this many valid rows
 
 
 class MaskedBatchNorm(nn.Module):
@@ -157,7 +158,7 @@ class MaskedBatchNorm(nn.Module):
     def _update_running(self, mean: Tensor, var: Tensor, count: Tensor, start: int) -> None:
         mean, var, count = mean.flatten(1), var.flatten(1), count.flatten(1)
         unbiased = var * count / (count - 1).clamp(min=1)
-        ok = (count >= 2).to(mean.dtype)  # a step with < 2 valid positions leaves its statistics alone
+        ok = (count >= MIN_ROWS).to(mean.dtype)
         rate = self.momentum * ok
         if self.per_step:
             stop = min(start + mean.shape[0], self.max_steps)

@@ -49,6 +49,13 @@ struct Norm {
   OptT dw, db;  // gradient accumulators (F,)
 };
 
+// A training batch norm moves running-statistics row `slot` only with at least kMinRows rows at the step (one row has
+// no variance), and only where the row exists (past T_max the last is reused, not moved): zoo.nn.norm.MIN_ROWS.
+constexpr int64_t kMinRows = 2;
+inline bool moves_running(const Norm& n, int64_t rows, int64_t slot) {
+  return rows >= kMinRows && n.rm.has_value() && slot < n.rm->size(0);
+}
+
 // std::vector storage aligned to 64 bytes, as every tensor's is. GCC peels a vectorized loop's first iterations until
 // an access is aligned, and those run scalar code whose rounding may differ from the vector body's in the last bit
 // (fused multiply-adds, a reduction's order): with malloc's varying alignment one call would then round differently
@@ -329,7 +336,7 @@ void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, i
   T* mean_s = n.mean->data_ptr<T>() + t * F;
   T* rstd_s = n.rstd->data_ptr<T>() + t * F;
   const int64_t slot = n.per_step ? t : 0;
-  const bool update = bs >= 2 && n.rm.has_value() && slot < n.rm->size(0);
+  const bool update = moves_running(n, bs, slot);
   T* rm = update ? n.rm->data_ptr<T>() + slot * F : nullptr;
   T* rv = update ? n.rv->data_ptr<T>() + slot * F : nullptr;
   const T mom = static_cast<T>(n.momentum);
@@ -536,7 +543,7 @@ struct TeamNorm {
     mean = n.mean->data_ptr<T>() + t * F;
     rstd = n.rstd->data_ptr<T>() + t * F;
     const int64_t slot = n.per_step ? t : 0;
-    if (bs >= 2 && n.rm.has_value() && slot < n.rm->size(0)) {
+    if (moves_running(n, bs, slot)) {
       rm = n.rm->data_ptr<T>() + slot * F;
       rv = n.rv->data_ptr<T>() + slot * F;
     }
@@ -1466,6 +1473,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("momentum", &Norm::momentum)
       .def_readwrite("dw", &Norm::dw)
       .def_readwrite("db", &Norm::db);
+  m.attr("MIN_ROWS") = kMinRows;  // (the tests hold it equal to zoo.nn.norm.MIN_ROWS)
   m.def("forward_loop", &forward_loop, "FusedLSTM forward: every step, GEMMs included");
   m.def("backward_loop", &backward_loop, "FusedLSTM backward: a range of steps, GEMMs included");
   m.def("gru_forward_loop", &gru_forward_loop, "FusedGRU forward: every step, GEMMs included");
