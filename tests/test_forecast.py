@@ -291,3 +291,55 @@ def test_corrupt_bytes_and_a_bom(tmp_path: Path, csv_path: Path) -> None:
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + text)
     assert make(bom).dims["input_size"] == 7  # the first column is still 'date'
+
+
+# ----------------------------------------------------------------------------------------- date_column: auto
+
+
+SERIES = [float(v) for v in range(100, 140)]  # 40 rows of one series
+
+
+@pytest.mark.parametrize(
+    ("header", "label", "expected"),
+    [
+        ("year,volume", lambda i: str(1950 + i), "year"),  # yearly, the first column a year
+        ("month,sales", lambda i: f"{2000 + i // 12}-{1 + i % 12:02d}", "month"),  # monthly labels, not ISO dates
+        ("Week,count", lambda i: str(3 * i), "Week"),  # weekly, with gaps in the week numbers; any case
+        ("index,value", lambda i: str(i), "index"),  # a row index
+        ("value", None, None),  # no label column at all
+        ("level,value", lambda i: str(i % 3), None),  # a first column that is no row label stays a feature
+    ],
+    ids=["yearly", "monthly", "weekly-gaps", "index", "single-column", "no-label"],
+)
+def test_a_csv_without_a_date_column_runs_in_row_order(
+    tmp_path: Path, header: str, label, expected: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = header.split(",")[-1]
+    lines = [header] + [(f"{label(i)}," if label else "") + repr(v) for i, v in enumerate(SERIES)]
+    path = tmp_path / "series.csv"
+    path.write_text("\n".join(lines) + "\n")
+    dm = CSVForecasting(str(path), target=target, input_len=4, horizon=2, split=(20, 8, 12), batch_size=4)
+    with caplog.at_level("INFO"):
+        dims = dm.dims
+    assert dm.date_column == expected
+    assert dm.feature_columns == ([target] if expected else header.split(","))
+    assert dims["input_size"] == len(dm.feature_columns)
+    assert "(date_column: auto)" in caplog.text and (repr(expected) in caplog.text if expected else True)
+    x, y = dm.dataset("test")[0]  # row order: the test part's first window starts input_len rows before it
+    raw = torch.tensor(SERIES[28 - 4 : 28 + 2], dtype=torch.float32)
+    scaled = (raw - dm.mean[-1]) / dm.std[-1]
+    torch.testing.assert_close(x[:, dm.feature_columns.index(target)], scaled[:4])
+    torch.testing.assert_close(y[:, 0], scaled[4:])
+
+
+def test_auto_takes_the_date_column_where_there_is_one_and_none_keeps_every_column(csv_path: Path) -> None:
+    assert make(csv_path).dims["input_size"] == 7 and make(csv_path).date_column == "auto"  # resolved on reading
+    dm = make(csv_path)
+    _ = dm.dims
+    assert dm.date_column == "date"
+    path = csv_path.parent / "years.csv"
+    path.write_text("year,OT\n" + "\n".join(f"{1900 + i},{v!r}" for i, v in enumerate(SERIES)) + "\n")
+    dm = CSVForecasting(str(path), date_column=None, input_len=4, horizon=2, split=(20, 8, 12))
+    assert dm.dims["input_size"] == 2 and dm.feature_columns == ["year", "OT"]  # None: no label, the year is a feature
+    with pytest.raises(DataError, match=r"years\.csv, column 'year': cannot read the first dates"):
+        CSVForecasting(str(path), input_len=4, horizon=2, split=("1M", "1M", "1M")).setup()  # months need dates

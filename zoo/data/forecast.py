@@ -20,6 +20,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -56,6 +57,17 @@ def _open_csv(path: Path) -> Iterator[Iterator[list[str]]]:
 def _repeated(names: Sequence[str]) -> list[str]:
     """The names that occur more than once in ``names``, in order of first occurrence."""
     return [n for n in dict.fromkeys(names) if names.count(n) > 1]
+
+
+ROW_LABELS = ("date", "datetime", "timestamp", "time", "year", "month", "week", "day", "index")
+
+
+def _row_label(header: list[str]) -> str | None:
+    """``date_column: auto``: ``date`` where the header has it, else its first column if that is named like a row label
+    (`ROW_LABELS`, any case), else None."""
+    if "date" in header:
+        return "date"
+    return header[0] if header and header[0].lower() in ROW_LABELS else None
 
 
 class WindowDataset(Dataset):
@@ -115,7 +127,9 @@ class CSVForecasting(L.LightningDataModule):
             header must name every column once (a repeated or empty name is a `DataError`).
         target: the column(s) to forecast.
         features: the input columns; ``None``: every column but ``date_column``.
-        date_column: the timestamp column (``None`` if there is none); needed by month/day splits.
+        date_column: the column that labels the rows (a timestamp), which is no feature; needed by month/day splits.
+            ``"auto"``: ``date`` if the header has it, else the first column if its name is one of `ROW_LABELS`
+            (``year``, ``index``, ...), else none (the rows' order alone), said in the log; ``None``: none.
         input_len: rows in each input window.
         horizon: rows to forecast after it.
         split: rows of train, val and test, each an int (rows), a float in (0, 1) (share of the file's rows) or
@@ -138,7 +152,7 @@ class CSVForecasting(L.LightningDataModule):
         path: str = "../shared/data/ett/ETTh1.csv",
         target: list[str] | str = "OT",
         features: list[str] | None = None,
-        date_column: str | None = "date",
+        date_column: str | None = "auto",
         input_len: int = 96,
         horizon: int = 24,
         split: Sequence[SplitPart] = ("12M", "4M", "4M"),
@@ -165,7 +179,7 @@ class CSVForecasting(L.LightningDataModule):
             twice = _repeated(names)
             if twice:
                 raise DataError(f"{self.path}: {option} names {', '.join(map(repr, twice))} more than once")
-        self.date_column = date_column
+        self.date_column = date_column  # "auto" is resolved against the header by `_columns`
         self.input_len = input_len
         self.horizon = horizon
         self.split = tuple(split)
@@ -205,6 +219,10 @@ class CSVForecasting(L.LightningDataModule):
                     f"{self.path}, line 1: the header names column(s) {', '.join(map(repr, twice))} more than once; "
                     "rename them so that every column has its own name"
                 )
+            if self.date_column == "auto":
+                self.date_column = _row_label(header)
+                how = f"column {self.date_column!r} labels" if self.date_column else "no column labels"
+                rank_zero_info(f"{self.path}: {how} the rows (date_column: auto); --data.date_column sets one")
             wanted = [*self.target, *(self.features or []), *([self.date_column] if self.date_column else [])]
             absent = [c for c in wanted if c not in header]
             if absent:
