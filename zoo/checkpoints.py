@@ -79,16 +79,17 @@ def load_checkpoint(path: str | os.PathLike | IO[bytes], map_location: Any = "cp
     return checkpoint
 
 
-def check_ckpt_path(ckpt_path: str | None, last: str | os.PathLike | None = None) -> None:
-    """Read the checkpoint that a command's ``--ckpt_path`` names (`load_checkpoint`), before any work starts.
+def check_ckpt_path(ckpt_path: str | None, last: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """Read the checkpoint that a command's ``--ckpt_path`` names (`load_checkpoint`), before any work starts, and
+    return it (None where nothing was read).
 
     Lightning's keywords are resolved by the Trainer; of them, ``last`` is checked here when ``last`` (the run's
     ``last.ckpt``) exists, since resuming reads it.
     """
     if ckpt_path is None:
-        return
+        return None
     if ckpt_path in KEYWORDS:
         if ckpt_path == "last" and last is not None and Path(last).is_file():
-            load_checkpoint(last)
-        return
-    load_checkpoint(ckpt_path)
+            return load_checkpoint(last)
+        return None
+    return load_checkpoint(ckpt_path)

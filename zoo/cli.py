@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from zoo import hub
 from zoo.callbacks import ExactResume, LastCheckpoint
-from zoo.checkpoints import check_ckpt_path, load_checkpoint
+from zoo.checkpoints import check_ckpt_path
 from zoo.models.base import RecurrentModule
 
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
@@ -197,10 +197,11 @@ class ZooCLI(LightningCLI):
             )
         cfg.weights_only = True
         ckpt_path = cfg.get("ckpt_path")
+        checkpoint = None
         if isinstance(ckpt_path, str) and not ckpt_path.startswith(PRETRAINED):
-            check_ckpt_path(ckpt_path)
-        if ckpt_path and Path(ckpt_path).is_file() and self._model_flags:
-            hparams = load_checkpoint(ckpt_path).get("hyper_parameters", {})
+            checkpoint = check_ckpt_path(ckpt_path)
+        if checkpoint is not None and Path(ckpt_path).is_file() and self._model_flags:  # (Lightning reads local ones)
+            hparams = checkpoint.get("hyper_parameters", {})
             given = cfg.model.init_args
             clashes = [
                 f"--model.{name} {given[name]!r} (the checkpoint has {hparams[name]!r})"
