@@ -419,40 +419,26 @@ def test_extension_is_bitwise_reproducible(variant, options) -> None:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     ("rows", "depth", "features"),
-    [(1, 1, 1), (5, 3, 20), (6, 16, 16), (7, 33, 17), (13, 257, 40), (32, 600, 64), (100, 100, 400)],
+    [(1, 1, 1), (5, 3, 20), (6, 16, 64), (7, 33, 65), (13, 257, 40), (32, 600, 128), (100, 100, 400), (64, 1000, 4000)],
 )
-def test_recurrent_gemm_kernel_equals_mm(extension, rows: int, depth: int, features: int) -> None:
-    """The recurrent GEMM's float32 kernel (panels of 16 features, rows six at a time, the depth in passes of 256)
-    equals torch.mm: every remainder of rows and features, one and several passes; float64 goes to torch.mm."""
+def test_recurrent_gemm_equals_mm(extension, threads: int, rows: int, depth: int, features: int) -> None:
+    """The recurrent GEMM for float32 (brgemm over blocks of 64 features, the threads sharing the blocks) equals
+    torch.mm: full and partial blocks, one block and many, any strides of W; float64 goes to torch.mm."""
     x = torch.randn(rows, depth)
     w = torch.randn(features, depth)
     reference = (x.double() @ w.double().t()).float()
     panels = extension.pack_panels(w)
-    assert panels.shape == (depth * ((features + 15) // 16) * 16,)
-    torch.testing.assert_close(extension.panels_mm(x, w, panels), reference, rtol=1e-5, atol=1e-5 * depth**0.5)
-    torch.testing.assert_close(
-        extension.panels_mm(x, w.t().contiguous().t(), extension.pack_panels(w.t().contiguous().t())),
-        reference,
-        rtol=1e-5,
-        atol=1e-5 * depth**0.5,
-    )
-    torch.testing.assert_close(extension.panels_mm(x.double(), w.double(), None), x.double() @ w.double().t())
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(("rows", "depth", "features"), [(13, 700, 2400), (64, 1000, 4000)])
-def test_recurrent_gemm_kernel_streaming_order(extension, threads: int, rows: int, depth: int, features: int) -> None:
-    """Panels too large for a thread's cache (here above 3 MiB a thread) take the streaming order (all rows of A
-    packed per depth pass, each panel's block used by every block of rows): it equals torch.mm too."""
-    x = torch.randn(rows, depth)
-    w = torch.randn(features, depth)
-    reference = (x.double() @ w.double().t()).float()
+    assert panels.shape == (depth * ((features + 63) // 64) * 64,)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = extension.panels_mm(x, w, extension.pack_panels(w))
+        got = extension.panels_mm(x, w, panels)
+        strided = extension.panels_mm(x, w.t().contiguous().t(), extension.pack_panels(w.t().contiguous().t()))
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * depth**0.5)
+    torch.testing.assert_close(strided, reference, rtol=1e-5, atol=1e-5 * depth**0.5)
+    torch.testing.assert_close(extension.panels_mm(x.double(), w.double(), None), x.double() @ w.double().t())

@@ -8,13 +8,14 @@ still running, so a masked batch statistic is a statistic over a prefix, and fin
 
 What makes it fast, from measurement on CPU: for the LSTM and GRU families the whole loop over steps runs in the
 compiled extension (``zoo/nn/csrc/lstm_step.cpp``, built by ``python -m zoo.nn.build``), its recurrent products through
-the extension's own AVX2 GEMM kernel over W_h packed once per sequence (`Panels`; a call of oneDNN's linear costs more
-than a small step's arithmetic), each step's normalizations, gates and state update in one pass per row: with
-per-sample norms the LSTM loop gives each thread its rows for all steps (no barrier between steps), a training batch
-norm combines its statistics across threads at barriers; tanh(x) = 2σ(2x) − 1 lets one sigmoid cover all four LSTM
-gates (the candidate block of the pre-activations is doubled). Without the extension, a Python loop calls oneDNN's
-GEMM with the weights packed once per sequence and the vendor kernels `native_layer_norm`, `_fused_rms_norm` and
-`native_batch_norm` (and their backward kernels), one per step and norm.
+oneDNN's brgemm micro-kernel (`at::native::cpublas::brgemm`, which picks its instruction set at run time) over W_h
+packed once per sequence (`Panels`; a call of oneDNN's linear costs more than a small step's arithmetic), each step's
+normalizations, gates and state update in one pass per row: with per-sample norms the LSTM loop gives each thread its
+rows for all steps (no barrier between steps), a training batch norm combines its statistics across threads at barriers;
+tanh(x) = 2σ(2x) − 1 lets one sigmoid cover all four LSTM gates (the candidate block of the pre-activations is doubled).
+Without the extension, a Python loop calls oneDNN's GEMM with the weights packed once per sequence and the vendor
+kernels `native_layer_norm`, `_fused_rms_norm` and `native_batch_norm` (and their backward kernels), one per step and
+norm.
 The ``reference`` backend (`zoo.nn.backends`) defines the result; the tests hold all of them equal.
 """
 
@@ -67,13 +68,13 @@ class Linear:
 
 
 class Panels:
-    """A recurrent weight as the compiled loops take it: ``weight``, and for float32 its panels for the extension's
-    GEMM kernel (``pack_panels``: blocks of 16 output features, packed once per sequence) in ``packed``; float64, and
-    a CPU without AVX2 (``ext.panel_kernel`` false), go through `torch.mm`."""
+    """A recurrent weight as the compiled loops take it: ``weight``, and for float32 its blocks for the extension's
+    brgemm calls (``pack_panels``: blocks of 64 output features, packed once per sequence) in ``packed``; float64, and
+    a build without brgemm (``ext.brgemm`` false: not x86-64), go through `torch.mm`."""
 
     def __init__(self, ext, weight: Tensor) -> None:
         self.weight = weight
-        self.packed = ext.pack_panels(weight) if weight.dtype == torch.float32 and ext.panel_kernel else None
+        self.packed = ext.pack_panels(weight) if weight.dtype == torch.float32 and ext.brgemm else None
 
 
 def _onednn(t: Tensor) -> bool:

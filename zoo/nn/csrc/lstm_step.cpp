@@ -13,11 +13,11 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define ZOO_PANEL_KERNEL 1
+#include <ATen/native/CPUBlas.h>
+#if defined(__x86_64__)  // oneDNN's micro-kernels (x86 only; elsewhere at::native::cpublas::brgemm is a slow fallback)
+#define ZOO_BRGEMM 1
 #else
-#define ZOO_PANEL_KERNEL 0
+#define ZOO_BRGEMM 0
 #endif
 #include <omp.h>
 
@@ -866,165 +866,51 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
   });
 }
 
-// ---- The recurrent GEMM C = A · W.T for float32: a register-blocked AVX2 kernel over W packed once per sequence.
-// oneDNN's linear (through the dispatcher) costs ~25 µs per call on top of its arithmetic, and at the recurrence's
-// shapes (rows = the batch, 32 to 100) runs at 100–145 GFLOP/s on the 2-core AMD EPYC measured here; this kernel,
-// called directly, runs at 135–170 (benchmarks/speed.py's shapes, forward and backward).
-// Packing: panels of 16 output features (panel p = W[16p : 16p + 16, :] transposed, zeros past N), stored one depth
-// pass after the other: the rows [k0, k0 + kc) of panel p (kc = kDepth, less in the last pass) are the (kc, 16) block
-// at k0·P·16 + p·kc·16, so that a pass over consecutive panels reads one stream.
-constexpr int64_t kPanel = 16, kDepth = 256;  // output features per panel; the depth (K) of one pass through A
-constexpr int64_t kAhead = 16;                // panel rows prefetched ahead in the resident order
-constexpr int64_t kResident = 3 << 20;        // bytes of panels per thread above which the streaming order is used
-inline int64_t padded(int64_t N) { return (N + kPanel - 1) / kPanel * kPanel; }  // N features in whole panels
+// ---- The recurrent GEMM C = A · W.T for float32: oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, the
+// one PyTorch's CPU attention uses), which picks its instruction set when it runs (AVX2, AVX-512, ...), over W packed
+// once per sequence. A call of oneDNN's linear through the dispatcher costs ~25 µs on top of its arithmetic, and a
+// step's GEMM is small (rows = the batch). Measured on 2 cores of an AVX-512 Xeon at benchmarks/speed.py's shapes:
+// 230–300 GFLOP/s against 100–150 for the AVX2 register-blocked kernel this replaced, and equal to it with oneDNN
+// held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2); at::mm (MKL) reaches 125–200.
+// Packing: blocks of kBlock output features, block p = W[kBlock·p : kBlock·(p + 1), :] transposed, a (K, kBlock)
+// row-major matrix (zeros past N), one after the other.
+constexpr int64_t kBlock = 64;  // output features per block: the micro-kernel's N
+inline int64_t blocks(int64_t N) { return (N + kBlock - 1) / kBlock; }
 
 // `panels` is pack_panels' result for a float32 (N, K) weight.
 inline void check_panels(const Tensor& panels, int64_t K, int64_t N) {
-  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.numel() == K * padded(N), "lstm_step: float32 panels of a (",
-              N, ", ", K, ") weight, not ", panels.numel(), " values of ", panels.scalar_type());
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.numel() == K * blocks(N) * kBlock, "lstm_step: float32 "
+              "panels of a (", N, ", ", K, ") weight, not ", panels.numel(), " values of ", panels.scalar_type());
 }
 
-// W (N, K), any strides, float32 -> its panels (K · 16 · ceil(N / 16) floats, in the order above).
+// W (N, K), any strides, float32 -> its blocks (K · kBlock · ceil(N / kBlock) floats, in the order above).
 Tensor pack_panels(const Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(), "pack_panels: a 2-d float32 CPU "
               "weight, not ", w.sizes(), " ", w.scalar_type());
-  const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel, s0 = w.stride(0), s1 = w.stride(1);
-  Tensor out = at::zeros({K * P * kPanel}, w.options());
-  const float* src = w.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t cols = std::min(kPanel, N - p * kPanel);
-      const float* sp = src + p * kPanel * s0;
-      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-        const int64_t kc = std::min(kDepth, K - k0);
-        float* d = dst + (k0 * P + p * kc) * kPanel;
-        for (int64_t c = 0; c < cols; ++c)
-          for (int64_t k = 0; k < kc; ++k) d[k * kPanel + c] = sp[c * s0 + (k0 + k) * s1];
-      }
-    }
-  });
-  return out;
+  const int64_t N = w.size(0), K = w.size(1), P = blocks(N);
+  Tensor out = at::zeros({P, K, kBlock}, w.options());
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t cols = std::min(kBlock, N - p * kBlock);
+    out[p].narrow(1, 0, cols).copy_(w.narrow(0, p * kBlock, cols).t());
+  }
+  return out.view({-1});
 }
 
-#if ZOO_PANEL_KERNEL
-// C[0:MR, 0:cols] (+)= Ap · B: Ap (kc, MR) interleaved rows of A, B (kc, 16) one panel's rows; 2·MR accumulators.
-// Each step of the depth prefetches the row of `pf` (stride 16) with the hint HINT. Where C is added to, its tile is
-// prefetched first: a thread's rows of C outgrow L2 at 1000 units (32 rows of 4000: 512 KiB, read again at each depth
-// pass), and the tile's loads after the depth loop would otherwise wait for L3 (the forward GEMM at (64, 100, 50,
-// 1000): 111-117 -> 121-156 GFLOP/s, this kernel's benchmark, 4 alternating runs).
-template <int MR, int HINT>
-inline void panel_kernel(const float* __restrict ap, const float* __restrict b, const float* pf, int64_t kc,
-                         float* __restrict c, int64_t ldc, int64_t cols, bool add) {
-  if (add)
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + kPanel - 1), _MM_HINT_T0);
-    }
-  __m256 acc[MR][2];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel), static_cast<_mm_hint>(HINT));
-    const __m256 b0 = _mm256_load_ps(b + k * kPanel), b1 = _mm256_load_ps(b + k * kPanel + 8);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(ap + k * MR + i);
-      acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
-    }
-  }
-  if (cols == kPanel) {
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      if (add) {
-        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(c + i * ldc));
-        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(c + i * ldc + 8));
-      }
-      _mm256_storeu_ps(c + i * ldc, acc[i][0]);
-      _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
-    }
-    return;
-  }
-  alignas(32) float tmp[kPanel];  // the last panel's valid columns
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    _mm256_store_ps(tmp, acc[i][0]);
-    _mm256_store_ps(tmp + 8, acc[i][1]);
-    for (int64_t j = 0; j < cols; ++j) c[i * ldc + j] = add ? c[i * ldc + j] + tmp[j] : tmp[j];
-  }
-}
-
-// MR rows of A (row stride lda), the depth [k0, k0 + kc), interleaved into ap (kc, MR).
-template <int MR>
-inline void pack_rows(const float* a, int64_t lda, int64_t k0, int64_t kc, float* ap) {
-  for (int64_t k = 0; k < kc; ++k)
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) ap[k * MR + i] = a[i * lda + k0 + k];
-}
-
-// f.template operator()<MR>() for the MR of a remainder of 1 to 5 rows.
-template <typename Fn>
-inline void for_remainder(int64_t rem, Fn&& f) {
-  switch (rem) {
-    case 5: f.template operator()<5>(); break;
-    case 4: f.template operator()<4>(); break;
-    case 3: f.template operator()<3>(); break;
-    case 2: f.template operator()<2>(); break;
-    case 1: f.template operator()<1>(); break;
-    default: break;
-  }
-}
-
-// One thread's part of C (M, N) = A (M, K) · W.T (plus C where `add`): the panels [p0, p1) of W (packed by
-// pack_panels), the rows of A and C at strides lda and ldc. Where the panels fit the thread's cache (kResident) they
-// stay there from step to step: for each block of six rows of A, the thread walks its panels, prefetching the stream
-// kAhead rows ahead. Where they do not, each depth pass packs all rows of A (they stay in L2), and each panel's block
-// is read once from memory and used by every block of rows from L1, while the next panel's block is prefetched.
+#if ZOO_BRGEMM
+// One thread's part of C (M, N) = A (M, K) · W.T (plus C where `add`): the blocks [p0, p1) of W (packed by
+// pack_panels), the rows of A and C at strides lda and ldc.
 void panels_block(const float* a, int64_t lda, int64_t M, int64_t K, const float* panels, int64_t N, float* c,
                   int64_t ldc, bool add, int64_t p0, int64_t p1) {
-  const int64_t P = (N + kPanel - 1) / kPanel, full = M / 6, rem = M % 6;
-  const bool stream = (p1 - p0) * K * kPanel * int64_t(sizeof(float)) > kResident;
-  thread_local std::vector<float> rows_buf;
-  if (rows_buf.size() < size_t(M * kDepth)) rows_buf.resize(M * kDepth);
-  float* ap = rows_buf.data();
-  for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-    const int64_t kc = std::min(kDepth, K - k0);
-    const float* block = panels + k0 * P * kPanel;
-    const bool acc = add || k0 > 0;
-    if (stream) {
-      for (int64_t r = 0; r < full; ++r) pack_rows<6>(a + r * 6 * lda, lda, k0, kc, ap + r * 6 * kc);
-      for_remainder(rem, [&]<int MR>() { pack_rows<MR>(a + full * 6 * lda, lda, k0, kc, ap + full * 6 * kc); });
-      for (int64_t p = p0; p < p1; ++p) {
-        const float* b = block + p * kc * kPanel;
-        const int64_t cols = std::min(kPanel, N - p * kPanel);
-        float* cp = c + p * kPanel;
-        for (int64_t r = 0; r < full; ++r)
-          panel_kernel<6, _MM_HINT_T1>(ap + r * 6 * kc, b, b + kc * kPanel, kc, cp + r * 6 * ldc, ldc, cols, acc);
-        for_remainder(rem, [&]<int MR>() {
-          panel_kernel<MR, _MM_HINT_T1>(ap + full * 6 * kc, b, b + kc * kPanel, kc, cp + full * 6 * ldc, ldc, cols,
-                                        acc);
-        });
-      }
-      continue;
-    }
-    const auto rows = [&]<int MR>(int64_t i) {
-      pack_rows<MR>(a + i * lda, lda, k0, kc, ap);
-      for (int64_t p = p0; p < p1; ++p) {
-        const float* b = block + p * kc * kPanel;
-        panel_kernel<MR, _MM_HINT_T0>(ap, b, b + kAhead * kPanel, kc, c + i * ldc + p * kPanel, ldc,
-                                      std::min(kPanel, N - p * kPanel), acc);
-      }
-    };
-    for (int64_t r = 0; r < full; ++r) rows.template operator()<6>(r * 6);
-    for_remainder(rem, [&]<int MR>() { rows.template operator()<MR>(full * 6); });
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t cols = std::min(kBlock, N - p * kBlock);
+    at::native::cpublas::brgemm(M, cols, K, lda, kBlock, ldc, add, a, panels + p * K * kBlock, c + p * kBlock);
   }
+  at::native::cpublas::brgemm_release(false);
 }
 
-// C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows; the threads share the panels.
+// C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows; the threads share the blocks.
 void panels_gemm(const float* a, int64_t M, int64_t K, const float* panels, int64_t N, float* c, bool add) {
-  const int64_t P = (N + kPanel - 1) / kPanel;
+  const int64_t P = blocks(N);
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
@@ -1032,20 +918,19 @@ void panels_gemm(const float* a, int64_t M, int64_t K, const float* panels, int6
     panels_block(a, K, M, K, panels, N, c, N, add, p0, p1);
   }
 }
+#endif  // ZOO_BRGEMM
 
-#endif  // ZOO_PANEL_KERNEL
-
-// out = x @ W.T (+ out where `add`) for the recurrence: the panel kernel where W's panels are given (float32), else
+// out = x @ W.T (+ out where `add`) for the recurrence: brgemm where W's blocks are given (float32), else
 // at::mm. x and out: contiguous rows.
 void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, const Tensor& out, bool add) {
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.size(0) == out.size(0) && x.size(1) == weight.size(1) &&
                   out.size(1) == weight.size(0),
               "lstm_step: recurrent GEMM of ", x.sizes(), " by ", weight.sizes(), " into ", out.sizes());
   if (panels.has_value() && panels->defined()) {
-    TORCH_CHECK(ZOO_PANEL_KERNEL, "lstm_step: built without the AVX2 panel kernel (see `panel_kernel`)");
+    TORCH_CHECK(ZOO_BRGEMM, "lstm_step: built without brgemm (an x86-64 build has it)");
     TORCH_CHECK(x.scalar_type() == at::kFloat, "lstm_step: panels for float32 only");
     check_panels(*panels, x.size(1), out.size(1));
-#if ZOO_PANEL_KERNEL
+#if ZOO_BRGEMM
     panels_gemm(x.data_ptr<float>(), x.size(0), x.size(1), panels->data_ptr<float>(), out.size(1),
                 out.data_ptr<float>(), add);
 #endif
@@ -1082,12 +967,12 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& batch_sizes) {
   return off;
 }
 
-// With row-local norms each sequence's steps depend on its own rows only. Where the GEMM is the panel kernel, the
+// With row-local norms each sequence's steps depend on its own rows only. Where the GEMM is brgemm, the
 // loops therefore give each thread its rows (every nth row of the batch, interleaved so that the threads keep equal
 // shares as sequences end) for all steps, its GEMMs included: no barrier between steps, where a shared step has two
 // (after the GEMM, after the step), each waiting for the slowest thread.
 inline bool rows_parallel(const Norm& nh, const Norm& nc, const OptT& panels, const Tensor& u) {
-  return ZOO_PANEL_KERNEL && panels.has_value() && panels->defined() && u.scalar_type() == at::kFloat &&
+  return ZOO_BRGEMM && panels.has_value() && panels->defined() && u.scalar_type() == at::kFloat &&
          nh.kind != BN_TRAIN && nc.kind != BN_TRAIN;
 }
 
@@ -1123,7 +1008,7 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
     }
     return;
   }
-#if ZOO_PANEL_KERNEL
+#if ZOO_BRGEMM
   const int64_t H = c.size(1), G = 4 * H, nth = loop_threads(batch_sizes[0]);
   check_all(u, {&h0, &gscale, &c0, &s, &c, &sc, &h});
   TORCH_CHECK(weight.size(0) == G && weight.size(1) == H, "lstm_step: W_h of ", weight.sizes(), " for ", H,
@@ -1146,7 +1031,7 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
       const int64_t prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
       float* zt = keep_z ? zk + off[t] * G : sp + so * G;
       const float* hprev = t ? hp + prev * H : h0p;
-      panels_block(hprev + k * H, nth * H, m, H, w, G, zt + k * G, nth * G, false, 0, padded(G) / kPanel);
+      panels_block(hprev + k * H, nth * H, m, H, w, G, zt + k * G, nth * G, false, 0, blocks(G));
       const LstmForwardRows<float> f(H, zt, zk, sp, scp, cp, hp, up, gs, c0p, off[t], prev, so);
       for (int64_t r = k; r < bs; r += nth) f.row(rh[t], rc[t], r);
     }
@@ -1173,7 +1058,7 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT panels_t, co
     }
     return;
   }
-#if ZOO_PANEL_KERNEL
+#if ZOO_BRGEMM
   const int64_t H = c.size(1), G = 4 * H, nth = loop_threads(batch_sizes[0]);
   check_backward(s, sc, c, c0, z, dout, dh_carry, dc_carry, du, dz_buf, work);
   TORCH_CHECK(weight_t.size(0) == H && weight_t.size(1) == G, "lstm_step: W_h.T of ", weight_t.sizes(), " for ", H,
@@ -1200,7 +1085,7 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT panels_t, co
                                       t ? off[t - 1] : -1);
       for (int64_t r = k; r < bs; r += nth) b.row(rh[t], rc[t], r, ph.pw(k), ph.pb(k), pc.pw(k), pc.pb(k));
       const float* a = chunk ? dzt : dup + off[t] * G;
-      panels_block(a + k * G, nth * G, m, G, w, H, dhp + k * H, nth * H, false, 0, padded(H) / kPanel);
+      panels_block(a + k * G, nth * G, m, G, w, H, dhp + k * H, nth * H, false, 0, blocks(H));
     }
   }
   ph.finish();
@@ -1478,7 +1363,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_loop", &backward_loop, "FusedLSTM backward: a range of steps, GEMMs included");
   m.def("gru_forward_loop", &gru_forward_loop, "FusedGRU forward: every step, GEMMs included");
   m.def("gru_backward_loop", &gru_backward_loop, "FusedGRU backward: a range of steps, GEMMs included");
-  m.attr("panel_kernel") = py::bool_(ZOO_PANEL_KERNEL);  // the float32 recurrent GEMM kernel (x86-64 with AVX2, FMA)
+  m.attr("brgemm") = py::bool_(ZOO_BRGEMM);  // the float32 recurrent GEMM through brgemm (x86-64)
   m.def("pack_panels", &pack_panels, "a float32 weight (out, in) packed for the recurrent GEMM kernel");
   m.def("panels_mm", &panels_mm, "x @ weight.T through the recurrent GEMM (the kernel where panels are given)");
   m.def("norm_rows_forward", &norm_rows_forward, "a normalization of all rows (the input term), forward");
