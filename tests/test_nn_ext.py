@@ -1,4 +1,4 @@
-"""The compiled loops (`zoo/nn/csrc/lstm_step.cpp`) equal the Python fused loop and the step-by-step engine.
+"""The compiled loops (`zoo/nn/csrc/`) equal the Python fused loop and the step-by-step engine.
 
 A session fixture builds the extension once (about a minute the first time; the cache keeps it); the module is skipped
 only where no C++ compiler exists or ``ZOO_NO_EXT`` is set. Every LSTM-family normalization (batch norm with per-step

@@ -1,5 +1,5 @@
-"""The compiled loops of the fused recurrences (``zoo/nn/csrc/lstm_step.cpp``): build them, and load the build that
-fits this CPU.
+"""The compiled loops of the fused recurrences (``zoo/nn/csrc/``: ``zoo_ext.cpp`` and its headers): build them, and
+load the build that fits this CPU.
 
 The source is compiled once per instruction-set level, with no ``-march=native`` and no ``-ffast-math``: on x86-64
 ``avx512`` (``-march=x86-64-v4``), ``avx2`` (``x86-64-v3``: AVX2, FMA) and ``baseline`` (the compiler's default
@@ -10,7 +10,7 @@ AVX2-only setting on an AVX-512 machine.
 
 `load` never compiles unless asked (``build=True``, as ``python -m zoo.nn.build`` does): a layer's first call never
 waits a minute for the compiler. The cache is ``$ZOO_EXT_DIR/ext-<torch version>-<hash>/<level>/`` (default root
-``~/.cache/zoo``), the hash covering the source and the flags. ``ZOO_NO_EXT=1`` disables the extension (the Python
+``~/.cache/zoo``), the hash covering the sources and the flags. ``ZOO_NO_EXT=1`` disables the extension (the Python
 loop runs). A missing build, or a run on a lower level than the CPU has, is logged once with the command that builds
 it.
 """
@@ -28,7 +28,8 @@ from types import ModuleType
 import torch
 
 NAME = "zoo_lstm_step"
-SOURCE = Path(__file__).parent / "csrc" / "lstm_step.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "zoo_ext.cpp"  # (includes the headers beside it)
 CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 X86_LEVELS = {"avx512": ["-march=x86-64-v4"], "avx2": ["-march=x86-64-v3"], "baseline": []}  # best first
@@ -73,7 +74,8 @@ def build_directory() -> Path:
     root = os.environ.get("ZOO_EXT_DIR", "")
     if root not in _directories:
         flags = " ".join(CFLAGS + LDFLAGS + [f"{k}:{' '.join(v)}" for k, v in levels().items()])
-        digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()[:16]
+        text = b"".join(f.read_bytes() for f in sorted(CSRC.glob("*.[ch]*")))
+        digest = hashlib.sha256(text + flags.encode()).hexdigest()[:16]
         _directories[root] = Path(root or Path.home() / ".cache" / "zoo") / f"ext-{torch.__version__}-{digest}"
     return _directories[root]
 

@@ -7,7 +7,7 @@ processed in `PackedSequence` order (sorted by length, time-major): at step t on
 still running, so a masked batch statistic is a statistic over a prefix, and finished rows cost nothing.
 
 What makes it fast, from measurement on CPU: for the LSTM and GRU families the whole loop over steps runs in the
-compiled extension (``zoo/nn/csrc/lstm_step.cpp``, built by ``python -m zoo.nn.build``), its recurrent products through
+compiled extension (``zoo/nn/csrc/``, built by ``python -m zoo.nn.build``), its recurrent products through
 oneDNN's brgemm micro-kernel (`at::native::cpublas::brgemm`, which picks its instruction set at run time) over W_h
 packed once per sequence (`Panels`; a call of oneDNN's linear costs more than a small step's arithmetic), each step's
 normalizations, gates and state update in one pass per row: with per-sample norms the LSTM loop gives each thread its

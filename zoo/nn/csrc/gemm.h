@@ -1,0 +1,103 @@
+// The recurrent GEMM (brgemm over packed blocks of W) and the input term's GEMM.
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+// ---- The recurrent GEMM C = A · W.T for float32: oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, the
+// one PyTorch's CPU attention uses), which picks its instruction set when it runs (AVX2, AVX-512, ...), over W packed
+// once per sequence. A call of oneDNN's linear through the dispatcher costs ~25 µs on top of its arithmetic, and a
+// step's GEMM is small (rows = the batch). Measured on 2 cores of an AVX-512 Xeon at benchmarks/speed.py's shapes:
+// 230–300 GFLOP/s against 100–150 for the AVX2 register-blocked kernel this replaced, and equal to it with oneDNN
+// held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2); at::mm (MKL) reaches 125–200.
+// Packing: blocks of kBlock output features, block p = W[kBlock·p : kBlock·(p + 1), :] transposed, a (K, kBlock)
+// row-major matrix (zeros past N), one after the other.
+constexpr int64_t kBlock = 64;  // output features per block: the micro-kernel's N
+inline int64_t blocks(int64_t N) { return (N + kBlock - 1) / kBlock; }
+
+// `panels` is pack_panels' result for a float32 (N, K) weight.
+inline void check_panels(const Tensor& panels, int64_t K, int64_t N) {
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.numel() == K * blocks(N) * kBlock, "lstm_step: float32 "
+              "panels of a (", N, ", ", K, ") weight, not ", panels.numel(), " values of ", panels.scalar_type());
+}
+
+// W (N, K), any strides, float32 -> its blocks (K · kBlock · ceil(N / kBlock) floats, in the order above).
+Tensor pack_panels(const Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(), "pack_panels: a 2-d float32 CPU "
+              "weight, not ", w.sizes(), " ", w.scalar_type());
+  const int64_t N = w.size(0), K = w.size(1), P = blocks(N);
+  Tensor out = at::zeros({P, K, kBlock}, w.options());
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t cols = std::min(kBlock, N - p * kBlock);
+    out[p].narrow(1, 0, cols).copy_(w.narrow(0, p * kBlock, cols).t());
+  }
+  return out.view({-1});
+}
+
+#if ZOO_BRGEMM
+// One thread's part of C (M, N) = A (M, K) · W.T (plus C where `add`): the blocks [p0, p1) of W (packed by
+// pack_panels), the rows of A and C at strides lda and ldc.
+void panels_block(const float* a, int64_t lda, int64_t M, int64_t K, const float* panels, int64_t N, float* c,
+                  int64_t ldc, bool add, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t cols = std::min(kBlock, N - p * kBlock);
+    at::native::cpublas::brgemm(M, cols, K, lda, kBlock, ldc, add, a, panels + p * K * kBlock, c + p * kBlock);
+  }
+  at::native::cpublas::brgemm_release(false);
+}
+
+// C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows; the threads share the blocks.
+void panels_gemm(const float* a, int64_t M, int64_t K, const float* panels, int64_t N, float* c, bool add) {
+  const int64_t P = blocks(N);
+  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
+#pragma omp parallel num_threads(nth) if (nth > 1)
+  {
+    const auto [p0, p1] = share(P, nth, omp_get_thread_num());
+    panels_block(a, K, M, K, panels, N, c, N, add, p0, p1);
+  }
+}
+#endif  // ZOO_BRGEMM
+
+// out = x @ W.T (+ out where `add`) for the recurrence: brgemm where W's blocks are given (float32), else
+// at::mm. x and out: contiguous rows.
+void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, const Tensor& out, bool add) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.size(0) == out.size(0) && x.size(1) == weight.size(1) &&
+                  out.size(1) == weight.size(0),
+              "lstm_step: recurrent GEMM of ", x.sizes(), " by ", weight.sizes(), " into ", out.sizes());
+  if (panels.has_value() && panels->defined()) {
+    TORCH_CHECK(ZOO_BRGEMM, "lstm_step: built without brgemm (an x86-64 build has it)");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "lstm_step: panels for float32 only");
+    check_panels(*panels, x.size(1), out.size(1));
+#if ZOO_BRGEMM
+    panels_gemm(x.data_ptr<float>(), x.size(0), x.size(1), panels->data_ptr<float>(), out.size(1),
+                out.data_ptr<float>(), add);
+#endif
+  } else if (add) {
+    out.add_(at::mm(x, weight.t()));
+  } else {
+    at::mm_out(const_cast<Tensor&>(out), x, weight.t());
+  }
+}
+
+// out = x @ W.T through the pybind interface (tests and benchmarks of the kernel).
+Tensor panels_mm(const Tensor& x, const Tensor& weight, OptT panels) {
+  Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  recurrent_gemm(x.contiguous(), weight, panels, out, false);
+  return out;
+}
+
+// The input term's GEMM x @ W.T: oneDNN's linear with the weight prepacked by torch.ops.mkldnn._reorder_linear_weight
+// (`packed`), else at::mm with the plain weight (out, in).
+Tensor gemm(const Tensor& x, const Tensor& weight, const OptT& packed) {
+  if (packed.has_value() && packed->defined()) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                                       c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>)>();
+    return op.call(x, *packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  }
+  return at::mm(x, weight.t());
+}
+
+}  // namespace
