@@ -120,7 +120,7 @@ def test_the_python_backend_never_runs_the_compiled_loops(monkeypatch) -> None:
     for cls in (fused_module.FusedLSTM, fused_module.FusedGRU):
         monkeypatch.setattr(cls, "_forward_ext", staticmethod(refuse))
         monkeypatch.setattr(cls, "_backward_ext", staticmethod(refuse))
-    monkeypatch.setattr(fused_module._InputNorm, "apply", refuse)
+    monkeypatch.setattr(fused_module.input_term._InputNorm, "apply", refuse)
     for variant in ("bn_lstm", "ln_lstm", "rms_gru", "bn_indrnn"):
         rnn = zoo.nn.RNN(variant, IN, H, backend="python")
         rnn(torch.randn(T, B, IN))[0].sum().backward()

@@ -287,7 +287,7 @@ def test_input_norm_kernel_equals_module(index, shift, proj, training, block, mo
     width of W_x (None: x is the projection already); 1 is narrow enough for the projection to be recomputed in
     backward (8 · 1 <= 8 features), 3 is kept. Evaluation: a batch norm's affine map of its running statistics.
     ``block``: the elements projected and normalized at a time; 16 makes blocks of one step or two rows."""
-    monkeypatch.setattr(fused_module, "BLOCK", block)
+    monkeypatch.setattr(fused_module.common, "BLOCK", block)
     _, module = _input_norms()[index]
     module = module.double().train()
     with torch.no_grad():
@@ -364,7 +364,7 @@ def test_input_norm_kernel_gradcheck(index: int, training: bool) -> None:
     norm = fused_module.StepNorm(module)  # the kind, eps and running statistics; the gain is gradcheck's input
 
     def f(x, b, weight):
-        return fused_module._InputNorm.apply(x, None, weight, b, norm, _ext.load(), False, True)
+        return fused_module.input_term._InputNorm.apply(x, None, weight, b, norm, _ext.load(), False, True)
 
     assert torch.autograd.gradcheck(f, (x, b, weight))
 

@@ -57,7 +57,7 @@ def test_fused_in_small_blocks(
 ) -> None:
     """Work done a block at a time (the input term's projection and norm, IndRNN's dw over a few steps at a time)
     with blocks of 16 elements, so that every pass has several: the same results as the step-by-step engine."""
-    monkeypatch.setattr(zoo.nn.fused, "BLOCK", 16)
+    monkeypatch.setattr(zoo.nn.fused.common, "BLOCK", 16)
     check_fused(variant, options, True, lengths, True, device)
 
 

@@ -1,0 +1,112 @@
+"""The GEMMs of the fused recurrence: oneDNN's linear with weights packed once per sequence, the compiled loops'
+weight blocks (`Panels`), and outer products into the weight gradients."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext
+
+
+def extension_available() -> bool:
+    """Whether the compiled loops (`zoo.nn._ext`, built by ``python -m zoo.nn.build``) are loaded and enabled."""
+    return _ext.load() is not None
+
+
+class Linear:
+    """``x @ weight.T`` for a weight fixed during one sequence, through oneDNN's prepacked GEMM where it applies."""
+
+    def __init__(self, weight: Tensor, rows: int) -> None:
+        self.weight = weight
+        self.packed = None
+        if _onednn(weight):
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+            except (RuntimeError, AttributeError):  # a build without oneDNN's linear: plain GEMM
+                self.packed = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is None:
+            return torch.mm(x, self.weight.t())
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def add(self, x: Tensor, other: Tensor) -> Tensor:
+        """``x @ weight.T + other``."""
+        if self.packed is None:
+            return torch.addmm(other, x, self.weight.t())
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, None, "add")
+
+
+class Panels:
+    """A recurrent weight as the compiled loops take it: ``weight``, and for float32 its blocks for the extension's
+    brgemm calls (``pack_panels``: blocks of 64 output features, packed once per sequence) in ``packed``; float64, and
+    a build without brgemm (``ext.brgemm`` false: not x86-64), go through `torch.mm`."""
+
+    def __init__(self, ext, weight: Tensor) -> None:
+        self.weight = weight
+        self.packed = ext.pack_panels(weight) if weight.dtype == torch.float32 and ext.brgemm else None
+
+
+def _onednn(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+@functools.cache
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _outer_onednn(t: Tensor) -> bool:
+    """Whether `outer` goes through oneDNN for ``t``: float32 on a CPU with AVX-512, where MKL (`torch.mm`) runs these
+    shapes at about half of oneDNN's speed (AMD EPYC, Zen 4). On an AVX2 CPU (Zen 3) MKL is the faster one, by
+    1.15–1.7× (`benchmarks/speed.py`'s weight gradients)."""
+    return _onednn(t) and _avx512()
+
+
+def outer(a: Tensor, b: Tensor) -> Tensor:
+    """``a.T @ b`` (a weight gradient: ``(N, F)``, ``(N, H)`` -> ``(F, H)``), through the faster GEMM of this CPU.
+
+    Through oneDNN (`_outer_onednn`) it is computed as ``(b.T @ a).T`` with oneDNN's linear: ``b.T`` (the smaller
+    operand: the hidden or input features) is copied, ``a`` is read in place as the linear's weight, and the result is
+    a transposed view; else it is `torch.mm`'s.
+    """
+    if not _outer_onednn(a):
+        return a.t().mm(b)
+    return torch.ops.mkldnn._linear_pointwise(b.t().contiguous(), a.t(), None, "none", [], "").t()
+
+
+def outer_add(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a.T @ b`` for ``out`` in `outer`'s layout: in place through `torch.Tensor.addmm_` (MKL), or, through
+    oneDNN, its product added."""
+    if _outer_onednn(a):
+        out.add_(outer(a, b))
+    else:
+        out.addmm_(a.t(), b)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = Linear(weight.t().contiguous(), dy.shape[0])(dy) if ctx.needs_input_grad[0] else None
+        dw = outer(dy, x) if ctx.needs_input_grad[1] else None
+        db = dy.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`torch.nn.functional.linear`, through oneDNN's GEMM (forward and backward) for float32 on CPU."""
+    if not _onednn(x) or x.numel() == 0:
+        return F.linear(x, weight, bias)
+    y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

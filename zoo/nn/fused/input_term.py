@@ -1,0 +1,129 @@
+"""The input term N(W_x x) + b for all steps at once, in one autograd node."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..norm import MaskedBatchNorm
+from . import common
+from .common import _grads, recording
+from .gemm import Linear, outer
+from .step_norm import StepNorm, _extension
+
+
+def normalize_input(
+    module: nn.Module,
+    x: Tensor,
+    proj: Tensor | None,
+    shift: Tensor | None,
+    mask: Tensor | None,
+    keep_projection: bool = False,
+) -> Tensor | None:
+    """``module(x @ proj.T) + shift`` (``proj`` None: ``module(x) + shift``) for the input term of all steps, ``x``
+    ``(T, B, ·)``, in one autograd node whose normalization is one compiled pass each way.
+
+    It applies to LayerNorm and RMSNorm, to a batch norm in evaluation, and to one in training without padding
+    (``mask`` None) or synchronization; elsewhere (and without the compiled extension) it returns None and the caller
+    runs the module. The shift (the cell's bias) is added inside the normalization's pass. Where the input is narrow (at
+    most an eighth of the projection's width, as a first layer usually is) the projection is not kept for backward but
+    recomputed there, a block at a time: GEMMs of a few rows instead of a (T, B, 4H) tensor held through the backward,
+    unless ``keep_projection`` (the LSTM cells: their training steps were 1-4% faster with it at every shape of
+    ``benchmarks/speed.py``, for one tensor of the projection's size more).
+    """
+    norm = StepNorm(module)
+    if norm.kind == "bn":
+        bn: MaskedBatchNorm = module
+        if bn.training and (mask is not None or bn.synchronized):
+            return None
+        if bn.per_step and bn.past_max_steps == "error" and x.shape[0] > bn.max_steps:
+            return None  # the module raises its error
+    if x.dim() != 3 or not x.is_contiguous() or norm.weight is None:
+        return None
+    ext = _extension(x, *(t for t in (proj, shift) if t is not None), norm)
+    if ext is None:
+        return None
+    if norm.bias is not None:
+        shift = norm.bias if shift is None else norm.bias + shift
+    recompute = proj is not None and not keep_projection and 8 * proj.shape[1] <= proj.shape[0]
+    return _InputNorm.apply(x, proj, norm.weight, shift, norm, ext, recompute, torch.is_grad_enabled())
+
+
+class _InputNorm(torch.autograd.Function):
+    """`normalize_input`'s node: the projection through oneDNN, then the compiled `norm_rows` kernels on the
+    ``(T·B, F)`` rows (a batch norm with per-step statistics: one group of B rows per step). The forward projects and
+    normalizes a block of about `common.BLOCK` elements at a time while it is in cache, except for a batch norm whose
+    statistics span all rows."""
+
+    @staticmethod
+    def forward(ctx, x, proj, weight, shift, norm: StepNorm, ext, recompute: bool, grad: bool):
+        steps, batch = x.shape[:2]
+        rows = x.view(steps * batch, x.shape[2])
+        features = rows.shape[1] if proj is None else proj.shape[0]
+        n = ext.Norm()
+        n.fw, n.fb, n.w = weight, shift, weight
+        n.eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        groups = 1
+        if norm.kind in ("ln", "rms"):
+            n.kind = ext.Kind.LN if norm.kind == "ln" else ext.Kind.RMS
+            n.mean = x.new_empty(steps * batch) if norm.kind == "ln" else None
+            n.rstd = x.new_empty(steps * batch)
+        elif norm.module.training:
+            bn: MaskedBatchNorm = norm.module
+            groups = steps if bn.per_step else 1
+            n.kind, n.per_step, n.momentum = ext.Kind.BN_TRAIN, bn.per_step, bn.momentum
+            n.mean, n.rstd = x.new_empty(groups, features), x.new_empty(groups, features)
+            n.rm, n.rv = bn.running_mean, bn.running_var
+        else:  # evaluation: each step's affine map from the running statistics (`StepNorm.start`), shift included
+            groups = steps if norm.module.per_step else 1
+            norm.start(groups, x)
+            n.kind, n.mean, n.rstd = ext.Kind.AFFINE, norm.eval_mean.contiguous(), norm.eval_rstd.contiguous()
+            n.fw = n.rstd * weight
+            n.fb = -n.mean * n.fw if shift is None else shift - n.mean * n.fw
+        ctx.blocked = proj is not None and (
+            n.kind != ext.Kind.BN_TRAIN or groups > 1
+        )  # (not a batch norm's statistics of all rows)
+        if ctx.blocked:
+            keep = not recompute and recording(ctx, grad)  # (inference: no projection to keep)
+            p = x.new_empty(rows.shape[0], features) if keep else None
+            y = x.new_empty(steps, batch, features)
+            packed = _InputNorm.block_weight(proj, rows.shape[0], batch)
+            ext.norm_rows_project(n, rows, proj, packed, y.view(-1, features), groups, p, common.BLOCK)
+        else:
+            p = rows if proj is None else Linear(proj, rows.shape[0])(rows)
+            y = x.new_empty(steps, batch, features)
+            ext.norm_rows_forward(n, p, y.view_as(p), groups)
+        ctx.save_for_backward(x, proj, None if recompute or proj is None else p)
+        ctx.norm, ctx.groups, ctx.ext = n, groups, ext
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, proj, p = ctx.saved_tensors
+        rows = x.view(-1, x.shape[-1])
+        n = ctx.norm
+        n.dw = torch.zeros_like(n.w) if ctx.needs_input_grad[2] else None
+        n.db = n.w.new_zeros(n.w.shape) if ctx.needs_input_grad[3] else None
+        dy = dy.contiguous().view(rows.shape[0], -1)
+        if ctx.blocked and p is None:  # the projection recomputed a block at a time
+            dp = torch.empty_like(dy)
+            packed = _InputNorm.block_weight(proj, rows.shape[0], x.shape[1])
+            ctx.ext.norm_rows_project_backward(n, dy, rows, proj, packed, dp, ctx.groups, common.BLOCK)
+        else:
+            if proj is None:
+                p = rows
+            elif p is None:  # recompute the projection
+                p = Linear(proj, rows.shape[0])(rows)
+            dp = torch.empty_like(dy)
+            ctx.ext.norm_rows_backward(n, dy, p, dp, ctx.groups)
+        if proj is None:
+            return _grads(ctx, dp.view_as(x), None, n.dw, n.db)
+        dx = Linear(proj.t().contiguous(), dp.shape[0])(dp).view_as(x) if ctx.needs_input_grad[0] else None
+        dproj = outer(dp, rows) if ctx.needs_input_grad[1] else None
+        return _grads(ctx, dx, dproj, n.dw, n.db)
+
+    @staticmethod
+    def block_weight(proj: Tensor, rows: int, batch: int) -> Tensor | None:
+        """``proj`` packed for oneDNN's GEMM over blocks of about `common.BLOCK` output elements (at least one step of
+        ``batch`` rows; None where oneDNN does not apply)."""
+        return Linear(proj, min(rows, max(batch, common.BLOCK // proj.shape[0]))).packed
