@@ -9,6 +9,7 @@ of a fresh process), and the first call (warm-up) time: building the layer and i
     python benchmarks/speed.py                         # all variants, all shapes, CPU
     python benchmarks/speed.py --variants ln_lstm bn_lstm --shapes 32,100,64,256 --repeats 5
     python benchmarks/speed.py --device cuda --json speed-cuda.json
+    python benchmarks/speed.py --autocast bf16         # both layers under torch.autocast(dtype=torch.bfloat16)
 
 On glibc the script re-executes itself with `GLIBC_TUNABLES` raising malloc's mmap and trim thresholds, as `train.py`
 does (`zoo.runtime.tune_malloc`), because the default settings return large buffers to the system after every step
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +40,23 @@ from zoo.runtime import tune_malloc
 
 SHAPES = [(32, 100, 64, 256), (64, 200, 64, 512), (100, 784, 1, 100), (64, 100, 50, 1000)]
 PROBE_TUNABLES = "glibc.malloc.mmap_threshold=65536"  # the memory probe: every large buffer its own mapping
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve")  # printed when present
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_autocast: dict = {}  # torch.autocast's arguments for every timed step (--autocast), else empty
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags of /proc/cpuinfo that decide which kernels run (Linux; else empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return ""
+    return ",".join(f for f in ISA_FLAGS if f in flags)
+
+
+def autocast():
+    return torch.autocast(**_autocast) if _autocast else nullcontext()
 
 
 def native_for(variant: str, input_size: int, hidden: int) -> nn.Module:
@@ -61,14 +80,15 @@ def sync(device: torch.device) -> None:
 
 def train_step(module: nn.Module, x: Tensor) -> None:
     module.zero_grad(set_to_none=True)
-    out, _ = module(x)
-    out.sum().backward()
+    with autocast():
+        out, _ = module(x)
+    out.float().sum().backward()
 
 
 def infer_step(module: nn.Module, x: Tensor) -> None:
     """Inference as a user runs it: evaluation mode (batch norms read their running statistics), no autograd."""
     module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         module(x)
     module.train()
 
@@ -105,6 +125,8 @@ def peak_memory(variant: str, shape: tuple[int, int, int, int], which: str, devi
     if not os.path.exists("/proc/self/clear_refs"):
         return float("nan")
     cmd = [sys.executable, __file__, "--memory-probe", variant, ",".join(map(str, shape)), which]
+    if _autocast:
+        cmd += ["--autocast", next(k for k, v in AUTOCAST.items() if v == _autocast["dtype"])]
     env = {**os.environ, "GLIBC_TUNABLES": PROBE_TUNABLES} if platform.libc_ver()[0] == "glibc" else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
@@ -177,8 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="speed.json", help="where to write the figures")
     p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--autocast", choices=sorted(AUTOCAST), help="run both layers under torch.autocast of this dtype")
     p.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.autocast:
+        _autocast.update(device_type=device.type, dtype=AUTOCAST[args.autocast])
     if args.memory_probe:
         _memory_probe(*args.memory_probe)
         return
@@ -187,12 +213,13 @@ def main(argv: list[str] | None = None) -> None:
         tune_malloc()  # as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     env = {
         "zoo": zoo.__version__,
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_flags": cpu_flags(),
         "threads": torch.get_num_threads(),
+        "autocast": args.autocast or "off",
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "(glibc default)"),
         "compiled_step": zoo.nn.fused.extension_available(),  # built by `python -m zoo.nn.build`
     }

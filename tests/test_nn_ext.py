@@ -442,3 +442,73 @@ def test_recurrent_gemm_equals_mm(extension, threads: int, rows: int, depth: int
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * depth**0.5)
     torch.testing.assert_close(strided, reference, rtol=1e-5, atol=1e-5 * depth**0.5)
     torch.testing.assert_close(extension.panels_mm(x.double(), w.double(), None), x.double() @ w.double().t())
+
+
+def _amx(extension) -> None:
+    if not extension.brgemm_bf16:
+        pytest.skip("this CPU has no bfloat16 matrix unit oneDNN packs for (AMX): the bfloat16 products do not run")
+
+
+@pytest.mark.parametrize(("rows", "depth", "features"), [(1, 1, 1), (5, 7, 20), (13, 33, 65), (64, 512, 256)])
+def test_bf16_blocks_equal_the_products_of_bf16_rounded_operands(extension, rows, depth, features) -> None:
+    """bfloat16 blocks (VNNI, odd depths padded with a zero row): the product of the bfloat16-rounded operands,
+    accumulated in float32, so within float32 rounding of the float64 product of the rounded operands."""
+    _amx(extension)
+    x, w = torch.randn(rows, depth), torch.randn(features, depth)
+    reference = x.bfloat16().double() @ w.bfloat16().double().t()
+    packed = extension.pack_panels(w, True)
+    assert packed.dtype == torch.bfloat16
+    torch.testing.assert_close(extension.panels_mm(x, w, packed).double(), reference, rtol=1e-5, atol=1e-5 * depth)
+
+
+@pytest.mark.parametrize("variant", ["ln_lstm", "bn_lstm", "rms_gru"])
+def test_autocast_bf16_runs_the_recurrent_products_in_bf16(extension, variant, monkeypatch) -> None:
+    """Under torch.autocast("cpu", bfloat16) the compiled loops pack W_h (and W_h.T in backward) in bfloat16, outside
+    it in float32; the outputs and gradients stay float32 and within bfloat16 rounding of the float32 run."""
+    _amx(extension)
+    dtypes = []
+    real = fused_module.Panels.__init__
+
+    def spy(self, ext, weight, bf16=False):
+        real(self, ext, weight, bf16)
+        dtypes.append(self.packed.dtype)
+
+    monkeypatch.setattr(fused_module.Panels, "__init__", spy)
+    torch.manual_seed(0)
+    options = {"max_steps": T} if variant == "bn_lstm" else {}
+    rnn = zoo.nn.RNN(variant, IN, 16, num_layers=2, **options)
+    x = torch.randn(T, B, IN, requires_grad=True)
+    runs = []
+    for autocast in (False, True):
+        dtypes.clear()
+        x.grad = None
+        rnn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = rnn(x)
+        out.sum().backward()
+        assert out.dtype == torch.float32
+        assert set(dtypes) == {torch.bfloat16 if autocast else torch.float32}
+        assert len(dtypes) == 4  # forward and backward, per layer
+        runs.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in rnn.parameters()]))
+    (out32, dx32, g32), (out16, dx16, g16) = runs
+    torch.testing.assert_close(out16, out32, rtol=0, atol=0.05)
+    for a, b in [(dx16, dx32), *zip(g16, g32, strict=True)]:
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
+
+
+def test_autocast_bf16_without_amx_stays_float32_and_says_so_once(extension, monkeypatch, caplog) -> None:
+    """Where oneDNN cannot pack bfloat16 for a matrix unit, autocast leaves the products in float32, logged once."""
+    import logging
+
+    monkeypatch.setattr(extension, "brgemm_bf16", False)
+    monkeypatch.setattr(_ext, "_said", set())
+    rnn = zoo.nn.RNN("ln_lstm", IN, H)
+    with caplog.at_level(logging.WARNING, logger="zoo.nn"), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = rnn(torch.ones(T, B, IN))[0]
+        rnn(torch.ones(T, B, IN))
+    with torch.no_grad():
+        torch.testing.assert_close(reference, rnn(torch.ones(T, B, IN))[0])  # float32 products, as without autocast
+    assert [r.message for r in caplog.records if "bfloat16" in r.message] == [
+        "autocast bfloat16: this CPU has no bfloat16 matrix unit oneDNN packs for (AMX); the recurrent GEMMs of the "
+        "compiled loops stay float32"
+    ]

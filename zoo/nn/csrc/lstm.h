@@ -256,11 +256,10 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
   check_all(u, {&h0, &gscale, &c0, &s, &c, &sc, &h});
   TORCH_CHECK(weight.size(0) == G && weight.size(1) == H, "lstm_step: W_h of ", weight.sizes(), " for ", H,
               " hidden features");
-  check_panels(*panels, H, G);
+  const Blocks w = blocks_of(*panels, H, G);
   if (keep_z) check(*z_save, u, "z_save");
   Buffer<float> ones_h, ones_c;
   const auto rh = step_norms(nh, off, steps, train, G, ones_h), rc = step_norms(nc, off, steps, train, H, ones_c);
-  const float* w = panels->data_ptr<float>();
   float* zk = keep_z ? z_save->data_ptr<float>() : nullptr;
   float *sp = s.data_ptr<float>(), *scp = sc.data_ptr<float>(), *cp = c.data_ptr<float>(), *hp = h.data_ptr<float>();
   const float *up = u.data_ptr<float>(), *gs = gscale.data_ptr<float>(), *h0p = h0.data_ptr<float>();
@@ -274,7 +273,7 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
       const int64_t prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
       float* zt = keep_z ? zk + off[t] * G : sp + so * G;
       const float* hprev = t ? hp + prev * H : h0p;
-      panels_block(hprev + k * H, nth * H, m, H, w, G, zt + k * G, nth * G, false, 0, blocks(G));
+      panels_block(hprev + k * H, nth * H, m, w, G, zt + k * G, nth * G, false, 0, blocks(G));
       const LstmForwardRows<float> f(H, zt, zk, sp, scp, cp, hp, up, gs, c0p, off[t], prev, so);
       for (int64_t r = k; r < bs; r += nth) f.row(rh[t], rc[t], r);
     }
@@ -306,12 +305,11 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT panels_t, co
   check_backward(s, sc, c, c0, z, dout, dh_carry, dc_carry, du, dz_buf, work);
   TORCH_CHECK(weight_t.size(0) == H && weight_t.size(1) == G, "lstm_step: W_h.T of ", weight_t.sizes(), " for ", H,
               " hidden features");
-  check_panels(*panels_t, G, H);
+  const Blocks w = blocks_of(*panels_t, G, H);
   Buffer<float> ones_h, ones_c;
   const int64_t steps = batch_sizes.size();
   const auto rh = step_norms(nh, off, steps, true, G, ones_h), rc = step_norms(nc, off, steps, true, H, ones_c);
   Partials<float> ph(nh, G), pc(nc, H);
-  const float* w = panels_t->data_ptr<float>();
   const float *sp = s.data_ptr<float>(), *scp = sc.data_ptr<float>(), *cp = c.data_ptr<float>();
   const float *c0p = c0.data_ptr<float>(), *dop = ptr_or_null<float>(dout);
   const float* zp = chunk ? z->data_ptr<float>() : nullptr;
@@ -328,7 +326,7 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT panels_t, co
                                       t ? off[t - 1] : -1);
       for (int64_t r = k; r < bs; r += nth) b.row(rh[t], rc[t], r, ph.pw(k), ph.pb(k), pc.pw(k), pc.pb(k));
       const float* a = chunk ? dzt : dup + off[t] * G;
-      panels_block(a + k * G, nth * G, m, G, w, H, dhp + k * H, nth * H, false, 0, blocks(H));
+      panels_block(a + k * G, nth * G, m, w, H, dhp + k * H, nth * H, false, 0, blocks(H));
     }
   }
   ph.finish();

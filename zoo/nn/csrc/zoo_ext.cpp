@@ -33,7 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_forward_loop", &gru_forward_loop, "FusedGRU forward: every step, GEMMs included");
   m.def("gru_backward_loop", &gru_backward_loop, "FusedGRU backward: a range of steps, GEMMs included");
   m.attr("brgemm") = py::bool_(ZOO_BRGEMM);  // the float32 recurrent GEMM through brgemm (x86-64)
-  m.def("pack_panels", &pack_panels, "a float32 weight (out, in) packed for the recurrent GEMM kernel");
+  m.attr("brgemm_bf16") = py::bool_(bf16_blocks_supported());  // bfloat16 blocks (autocast): oneDNN packs for AMX
+  m.def("pack_panels", &pack_panels, "a float32 weight (out, in) packed for the recurrent GEMM (bfloat16: VNNI)",
+        py::arg("weight"), py::arg("bf16") = false);
   m.def("panels_mm", &panels_mm, "x @ weight.T through the recurrent GEMM (the kernel where panels are given)");
   m.def("norm_rows_forward", &norm_rows_forward, "a normalization of all rows (the input term), forward");
   m.def("norm_rows_project", &norm_rows_project, "norm_rows_forward of a projection, a block of rows at a time");

@@ -43,12 +43,31 @@ class Linear:
 
 class Panels:
     """A recurrent weight as the compiled loops take it: ``weight``, and for float32 its blocks for the extension's
-    brgemm calls (``pack_panels``: blocks of 64 output features, packed once per sequence) in ``packed``; float64, and
-    a build without brgemm (``ext.brgemm`` false: not x86-64), go through `torch.mm`."""
+    brgemm calls (``pack_panels``: blocks of 64 output features, packed once per sequence) in ``packed``, bfloat16
+    where ``bf16`` (`bf16_products`); float64, and a build without brgemm (``ext.brgemm`` false: not x86-64), go
+    through `torch.mm`."""
 
-    def __init__(self, ext, weight: Tensor) -> None:
+    def __init__(self, ext, weight: Tensor, bf16: bool = False) -> None:
         self.weight = weight
-        self.packed = ext.pack_panels(weight) if weight.dtype == torch.float32 and ext.brgemm else None
+        self.packed = ext.pack_panels(weight, bf16) if weight.dtype == torch.float32 and ext.brgemm else None
+
+
+def bf16_products(ext, u: Tensor) -> bool:
+    """Whether the compiled loops run their recurrent GEMMs in bfloat16 (float32 accumulation): under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` with a float32 input, where oneDNN packs bfloat16 for the CPU's
+    matrix unit (``ext.brgemm_bf16``: AMX). The norms, gates and cell state stay float32. Elsewhere autocast is logged
+    once and the products stay float32."""
+    if u.dtype != torch.float32 or not torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    if not (ext.brgemm and ext.brgemm_bf16):
+        _ext.say_once(
+            "autocast bfloat16: this CPU has no bfloat16 matrix unit oneDNN packs for (AMX); the recurrent "
+            "GEMMs of the compiled loops stay float32"
+        )
+        return False
+    return True
 
 
 def _onednn(t: Tensor) -> bool:

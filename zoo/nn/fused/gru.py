@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .common import _grads, recording
-from .gemm import Linear, Panels
+from .gemm import Linear, Panels, bf16_products
 from .packed import Layout, OuterSum
 from .step_norm import StepNorm, _extension
 
@@ -32,7 +32,8 @@ class FusedGRU(torch.autograd.Function):
         train = recording(ctx, grad)  # else inference: keep only what the next step reads
         row_local = "bn" not in (norm_rz.kind, norm_n.kind)
         ext = _extension(u, h0, w_hh, norm_rz, norm_n) if row_local else None
-        lin = Linear(w_hh, first) if ext is None else Panels(ext, w_hh)
+        ctx.bf16 = ext is not None and bf16_products(ext, u)
+        lin = Linear(w_hh, first) if ext is None else Panels(ext, w_hh, ctx.bf16)
         keep = train or ext is None  # (the Python loop keeps every step's rows)
         rz = u.new_empty(n_rows if keep else first, 2 * hidden)  # σ(r), σ(z)
         nn_ = u.new_empty(n_rows if keep else first, hidden)  # the candidate n
@@ -84,7 +85,11 @@ class FusedGRU(torch.autograd.Function):
         dh_carry = torch.zeros_like(h0, memory_format=torch.contiguous_format)
         if dhn is not None:
             dh_carry.copy_(dhn)
-        lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0]) if ctx.ext is None else Panels(ctx.ext, w_hh.t())
+        lin_t = (
+            Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
+            if ctx.ext is None
+            else Panels(ctx.ext, w_hh.t(), ctx.bf16)
+        )
         du = rz.new_empty(rz.shape[0], 3 * h0.shape[1])
         norm_rz.zero_grads()
         norm_n.zero_grads()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .common import _grads, recording
-from .gemm import Linear, Panels, outer
+from .gemm import Linear, Panels, bf16_products, outer
 from .packed import Layout, OuterSum, candidate_scale
 from .step_norm import StepNorm, _extension
 
@@ -28,7 +28,8 @@ class FusedLSTM(torch.autograd.Function):
         gscale = candidate_scale(hidden, u)  # doubles the candidate block: one sigmoid gives tanh(g) = 2σ(2g) − 1
         weight = w_hh * gscale.unsqueeze(1) if norm_h.kind == "none" else w_hh
         ext = _extension(u, h0, c0, w_hh, norm_h, norm_c)
-        lin = Linear(weight, layout.batch_sizes[0]) if ext is None else Panels(ext, weight)
+        ctx.bf16 = ext is not None and bf16_products(ext, u)
+        lin = Linear(weight, layout.batch_sizes[0]) if ext is None else Panels(ext, weight, ctx.bf16)
         train = recording(ctx, grad)  # else inference: keep only what the next step reads
         h, c = u.new_empty(n, hidden), u.new_empty(n, hidden)
         s = torch.empty_like(u) if train else None  # σ of the pre-activations (the candidate block: σ(2g))
@@ -83,7 +84,11 @@ class FusedLSTM(torch.autograd.Function):
         dc_carry = torch.empty_like(c0, memory_format=torch.contiguous_format).copy_(dcn) if dcn is not None else None
         dh_carry = torch.zeros_like(h0, memory_format=torch.contiguous_format) if dh_carry is None else dh_carry
         dc_carry = torch.zeros_like(c0, memory_format=torch.contiguous_format) if dc_carry is None else dc_carry
-        lin_t = Linear(w_hh.t().contiguous(), layout.batch_sizes[0]) if ctx.ext is None else Panels(ctx.ext, w_hh.t())
+        lin_t = (
+            Linear(w_hh.t().contiguous(), layout.batch_sizes[0])
+            if ctx.ext is None
+            else Panels(ctx.ext, w_hh.t(), ctx.bf16)
+        )
         norm_h.zero_grads()
         norm_c.zero_grads()
         du = torch.empty_like(s)  # gradient of the gate pre-activations, which is that of u
