@@ -168,7 +168,7 @@ def test_options_build_the_batch_norms(statistics: str, recurrent_bn: bool) -> N
             assert cell.bn_hh.running_mean.shape == (rows, 4 * H)
             assert cell.bn_c.running_var.shape == (rows, H)
             assert cell.bn_hh.max_steps == cell.bn_c.max_steps == cell.bn_ih.max_steps
-            assert cell.recurrent_norms() == (cell.bn_hh, cell.bn_c)
+            assert (cell.norm_at(0), cell.norm_at(1), cell.norm_at(2)) == (cell.bn_ih, cell.bn_hh, cell.bn_c)
     names = [n for n, _ in rnn.named_parameters()] + list(rnn.state_dict())
     assert any(".bn_hh." in n for n in names) is recurrent_bn
     assert any(".bn_c." in n for n in names) is recurrent_bn
@@ -178,9 +178,9 @@ def test_input_only_has_no_recurrent_batch_norms() -> None:
     rnn = zoo.nn.RNN("bn_lstm", 4, 8, statistics="shared", recurrent_bn=False)  # the call of the brief
     cell = rnn.cells[0]
     assert cell.bn_hh is None and cell.bn_c is None
-    assert cell.recurrent_norms() == (None, None)
-    z, c = torch.randn(2, 32), torch.randn(2, 8)
-    assert cell.norm_hh(z, 0, None) is z and cell.norm_c(c, 0, None) is c
+    assert (cell.norm_at(1), cell.norm_at(2)) == (None, None)
+    c = torch.randn(2, 8)
+    assert cell.cell_norm(c, 0, None) is c
     assert sorted(n for n, _ in cell.named_parameters()) == ["bias", "bn_ih.weight", "weight_hh", "weight_ih"]
     assert sorted(k for k in cell.state_dict() if "running" in k) == ["bn_ih.running_mean", "bn_ih.running_var"]
 

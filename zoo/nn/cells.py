@@ -94,16 +94,10 @@ class RecurrentCell(nn.Module):
 # --------------------------------------------------------------------------------------------------------------- LSTM
 
 
-@variant("lstm", "plain LSTM, equal to torch.nn.LSTM (runs its kernel)", "Hochreiter & Schmidhuber 1997")
-class LSTMCell(RecurrentCell):
-    """The plain LSTM, exactly as `torch.nn.LSTM` (same parameter names, shapes, initialisation and gate order).
+class _TorchLayoutCell(RecurrentCell):
+    """A cell with `torch.nn.LSTM`'s / `torch.nn.GRU`'s parameters: ``weight_ih`` (G, I), ``weight_hh`` (G, H),
+    ``bias_ih``, ``bias_hh`` (G,), G = ``num_gates`` · H, all U(−1/√H, 1/√H), and its input term W_ih x + b_ih."""
 
-    i, f, g, o = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh;  c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g);  h_t = σ(o) ⊙ tanh(c_t).
-    """
-
-    state_size = 2
-    num_gates = 4
-    native = "lstm"
     backends = ("native", "reference")
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
@@ -121,12 +115,24 @@ class LSTMCell(RecurrentCell):
             nn.init.uniform_(p, -bound, bound)
 
     def native_weights(self) -> list[Tensor]:
-        """The weights in `torch.nn.LSTM`'s order, for the vendor kernel."""
+        """The weights in the vendor kernel's order."""
         ws = [self.weight_ih, self.weight_hh]
         return ws if self.bias_ih is None else [*ws, self.bias_ih, self.bias_hh]
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return linear(x, self.weight_ih, self.bias_ih)
+
+
+@variant("lstm", "plain LSTM, equal to torch.nn.LSTM (runs its kernel)", "Hochreiter & Schmidhuber 1997")
+class LSTMCell(_TorchLayoutCell):
+    """The plain LSTM, exactly as `torch.nn.LSTM` (same parameter names, shapes, initialisation and gate order).
+
+    i, f, g, o = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh;  c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g);  h_t = σ(o) ⊙ tanh(c_t).
+    """
+
+    state_size = 2
+    num_gates = 4
+    native = "lstm"
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
         """The recurrent term of the gates."""
@@ -178,9 +184,13 @@ class WeightNormLSTMCell(LSTMCell):
 class _NormalizedLSTMCell(LSTMCell):
     """An LSTM whose gates are N_x(W_x x_t) + N_h(W_h h_{t-1}) + b and whose output is σ(o) ⊙ tanh(N_c(c_t)).
 
-    Subclasses set the three normalizations ``norm_ih``, ``norm_hh``, ``norm_c``. One bias b (the normalizations'
-    own shifts aside), the forget-gate part initialised to ``forget_bias``.
+    A subclass states its normalizations as data: `norms` names the attributes holding N_x, N_h and N_c (None, or an
+    attribute set to None: not normalized), modules the engine applies at each step (a `MaskedBatchNorm` with the
+    step's mask and time step, any other module to the step's rows). One bias b (the normalizations' own shifts
+    aside), the forget-gate part initialised to ``forget_bias``.
     """
+
+    norms: tuple[str | None, str | None, str | None] = (None, None, None)
 
     native = None
     backends = ("compiled", "python", "reference")
@@ -202,30 +212,31 @@ class _NormalizedLSTMCell(LSTMCell):
             self.bias.data[self.hidden_size : 2 * self.hidden_size] = self.forget_bias
 
     def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        if self.backend in FUSED and self.input_norm() is not None:  # N(W_x x) + b in one node, where it applies
-            u = normalize_input(self.input_norm(), x, self.weight_ih, self.bias, mask, keep_projection=True)
+        norm = self.norm_at(0)
+        if self.backend in FUSED and norm is not None:  # N(W_x x) + b in one node, where it applies
+            u = normalize_input(norm, x, self.weight_ih, self.bias, mask, keep_projection=True)
             if u is not None:
                 return u
-        u = self.norm_ih(linear(x, self.weight_ih), mask)
+        u = linear(x, self.weight_ih)
+        if norm is not None:
+            u = norm(u, mask) if isinstance(norm, MaskedBatchNorm) else norm(u)
         return u if self.bias is None else u + self.bias
 
-    def input_norm(self) -> nn.Module | None:
-        """The module normalizing W_x x, for the fused path (None: `norm_ih` is not one module)."""
-        return None
+    def norm_at(self, position: int) -> nn.Module | None:
+        """The module normalizing position 0 (W_x x), 1 (W_h h) or 2 (c_t): the attribute `norms` names; None if
+        the position is not normalized."""
+        name = self.norms[position]
+        return None if name is None else getattr(self, name)
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return self.norm_hh(F.linear(h, self.weight_hh), t, mask)
+        return _at_step(self.norm_at(1), F.linear(h, self.weight_hh), t, mask)
 
     def cell_norm(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return self.norm_c(c, t, mask)
-
-    def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
-        """The modules normalizing W_h h and c_t (None: not normalized), for the fused recurrence."""
-        raise NotImplementedError
+        return _at_step(self.norm_at(2), c, t, mask)
 
     def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
         """The recurrence with a hand-written backward (`zoo.nn.fused.FusedLSTM`), on packed rows."""
-        mh, mc = self.recurrent_norms()
+        mh, mc = self.norm_at(1), self.norm_at(2)
         nh = StepNorm(mh, scale=candidate_scale(self.hidden_size, u))
         nc = StepNorm(mc, scale=u.new_full((self.hidden_size,), 2.0))
         grad = torch.is_grad_enabled()
@@ -244,9 +255,14 @@ def _warn_scalar_input(cell: nn.Module, input_size: int) -> None:
         )
 
 
-def _step_bn(bn: MaskedBatchNorm, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
-    """Apply a time-major batch norm to one step ``(B, F)`` of time step ``t``."""
-    return bn(x.unsqueeze(0), None if mask is None else mask.unsqueeze(0), start=t).squeeze(0)
+def _at_step(norm: nn.Module | None, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
+    """Apply ``norm`` to one step's rows ``(B, F)`` of time step ``t`` (a time-major batch norm with the step's mask;
+    None: x itself)."""
+    if norm is None:
+        return x
+    if isinstance(norm, MaskedBatchNorm):
+        return norm(x.unsqueeze(0), None if mask is None else mask.unsqueeze(0), start=t).squeeze(0)
+    return norm(x)
 
 
 BN_STATISTICS = ("per_step", "shared")
@@ -281,6 +297,8 @@ class BNLSTMCell(_NormalizedLSTMCell):
     - ``recurrent_bn``: ``False`` normalizes the input term only, i, f, g, o = BN(W_x x_t; γ_x, 0) + W_h h_{t-1} + b
       and h_t = σ(o) ⊙ tanh(c_t) (no ``bn_hh``, ``bn_c``: they are None).
     """
+
+    norms = ("bn_ih", "bn_hh", "bn_c")
 
     def __init__(
         self,
@@ -323,21 +341,6 @@ class BNLSTMCell(_NormalizedLSTMCell):
         if getattr(self, "bias", None) is not None:
             self._reset_bias()
 
-    def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return self.bn_ih(x, mask)
-
-    def input_norm(self) -> nn.Module:
-        return self.bn_ih
-
-    def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return x if self.bn_hh is None else _step_bn(self.bn_hh, x, t, mask)
-
-    def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return c if self.bn_c is None else _step_bn(self.bn_c, c, t, mask)
-
-    def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
-        return self.bn_hh, self.bn_c
-
     def fuse_blocker(self) -> str | None:
         # the fused recurrence has no all-reduce; the input term's BN runs outside it, synchronized or not
         if self.training and self.bn_hh is not None and self.bn_hh.synchronized:
@@ -364,6 +367,8 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
     ``sync_bn``: synchronize the statistics over data-parallel processes (`MaskedBatchNorm`'s ``sync``).
     """
 
+    norms = ("bn_ih", None, None)
+
     def __init__(
         self,
         input_size: int,
@@ -379,21 +384,6 @@ class SeqBNLSTMCell(_NormalizedLSTMCell):
         self.bn_ih = MaskedBatchNorm(
             self.num_gates * hidden_size, None, gamma=gamma, bias=False, momentum=momentum, eps=eps, sync=sync_bn
         )
-
-    def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return self.bn_ih(x, mask)
-
-    def input_norm(self) -> nn.Module:
-        return self.bn_ih
-
-    def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return x
-
-    def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return c
-
-    def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
-        return None, None
 
     @property
     def native(self) -> str | None:
@@ -421,6 +411,7 @@ class LNLSTMCell(_NormalizedLSTMCell):
     Gains start at 1, shifts at 0, ε = 1e-5.
     """
 
+    norms = ("ln_ih", "ln_hh", "ln_c")
     norm_layer = nn.LayerNorm
 
     def __init__(
@@ -432,22 +423,6 @@ class LNLSTMCell(_NormalizedLSTMCell):
         self.ln_ih = self.norm_layer(g, eps=eps)
         self.ln_hh = self.norm_layer(g, eps=eps)
         self.ln_c = self.norm_layer(hidden_size, eps=eps)
-
-    def norm_ih(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return self.ln_ih(x)
-
-    def input_norm(self) -> nn.Module:
-        return self.ln_ih
-
-    def norm_hh(self, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return self.ln_hh(x)
-
-    def norm_c(self, c: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return self.ln_c(c)
-
-    def recurrent_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
-        return self.ln_hh, self.ln_c
-
 
 @variant("rms_lstm", "RMSNorm in the layer-norm positions of ln_lstm", RMS)
 class RMSLSTMCell(LNLSTMCell):
@@ -464,7 +439,7 @@ class RMSLSTMCell(LNLSTMCell):
 
 
 @variant("gru", "plain GRU, equal to torch.nn.GRU (runs its kernel)", "Cho et al. 2014")
-class GRUCell(RecurrentCell):
+class GRUCell(_TorchLayoutCell):
     """The plain GRU, exactly as `torch.nn.GRU` (same parameter names, shapes, initialisation and gate order).
 
     r = σ(W_ir x + b_ir + W_hr h + b_hr);  z = σ(W_iz x + b_iz + W_hz h + b_hz);
@@ -473,22 +448,6 @@ class GRUCell(RecurrentCell):
 
     num_gates = 3
     native = "gru"
-    backends = ("native", "reference")
-
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
-        super().__init__(input_size, hidden_size)
-        g = self.num_gates * hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(g, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(g, hidden_size))
-        self.bias_ih = nn.Parameter(torch.empty(g)) if bias else None
-        self.bias_hh = nn.Parameter(torch.empty(g)) if bias else None
-        self.reset_parameters()
-
-    reset_parameters = LSTMCell.reset_parameters
-    native_weights = LSTMCell.native_weights
-
-    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return linear(x, self.weight_ih, self.bias_ih)
 
     def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
         """The recurrent term of (r, z, n), before the reset gate multiplies its n part."""

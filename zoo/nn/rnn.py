@@ -186,8 +186,8 @@ class RNN(nn.Module):
         recurrent = {
             id(m)
             for cell in self.cells
-            if hasattr(cell, "recurrent_norms")
-            for m in cell.recurrent_norms()
+            if hasattr(cell, "norm_at")
+            for m in (cell.norm_at(1), cell.norm_at(2))
             if m is not None
         }
         if not any(
