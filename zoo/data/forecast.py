@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_counts, parse_number
 from .download import DataError, ensure_file
+from .root import resolve_data_path
 
-# Canonical sources and sha256 of the files whose names are known (../shared/data/README.md).
+# Canonical sources and sha256 of the files whose names are known.
 KNOWN_FILES: dict[str, tuple[str, str]] = {
     "ETTh1.csv": (
         "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/ETTh1.csv",
@@ -123,7 +124,8 @@ class CSVForecasting(L.LightningDataModule):
     """Forecasting windows over a CSV file with a header row, batched as ``(x, y)``.
 
     Args:
-        path: the CSV file (downloaded from its canonical source if absent and its name is in ``KNOWN_FILES``); its
+        path: the CSV file (a relative path is read under the data root, `zoo.data.root`; downloaded from its
+            canonical source if absent and its name is in ``KNOWN_FILES``); its
             header must name every column once (a repeated or empty name is a `DataError`).
         target: the column(s) to forecast.
         features: the input columns; ``None``: every column but ``date_column``.
@@ -149,7 +151,7 @@ class CSVForecasting(L.LightningDataModule):
 
     def __init__(
         self,
-        path: str = "../shared/data/ett/ETTh1.csv",
+        path: str = "ett/ETTh1.csv",
         target: list[str] | str = "OT",
         features: list[str] | None = None,
         date_column: str | None = "auto",
@@ -172,7 +174,7 @@ class CSVForecasting(L.LightningDataModule):
         )
         if len(split) != 3:
             raise ValueError(f"split must give train, val and test, got {split!r}")
-        self.path = Path(path)
+        self.path = resolve_data_path(path)
         self.target = [target] if isinstance(target, str) else list(target)
         self.features = None if features is None else list(features)
         for option, names in (("target", self.target), ("features", self.features or [])):
