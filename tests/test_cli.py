@@ -13,12 +13,11 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from needs_data import DATA, needs_data
 
 from zoo.cli import ZooCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 
 SMALL = [
     "--trainer.enable_progress_bar=false",
@@ -35,6 +34,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@needs_data("digits")
 def test_fit_tests_the_best_checkpoint_then_validate_and_test_read_it(tmp_path: Path) -> None:
     fit = _run(
         tmp_path,
@@ -102,6 +102,7 @@ def test_fit_tests_the_best_checkpoint_then_validate_and_test_read_it(tmp_path: 
     assert "hidden_size: 8" in (run / "version_2" / "config.yaml").read_text()
 
 
+@needs_data("ptb")
 def test_ptb_char_fit_writes_a_checkpoint_and_test_reports_bpc(tmp_path: Path) -> None:
     args = ["--config", str(ROOT / "configs/ptb_char/bn_lstm.yaml"), f"--data.data_dir={DATA / 'ptb'}"]
     small = ["--model.hidden_size=16", "--data.batch_size=4", "--data.bptt=10", "--trainer.limit_val_batches=2"]
@@ -133,6 +134,7 @@ def test_print_config_shows_composed_configs_and_the_linked_sizes_are_not_option
     assert "dims" not in config["model"]["init_args"]  # a link target: set by the data, not by configs
 
 
+@needs_data("digits")
 def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["train.py"])
     args = ["--trainer.default_root_dir", str(tmp_path), "--data.data_dir", str(DATA / "digits")]
@@ -149,6 +151,7 @@ def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path, mo
     assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == ("val/loss", "min")
 
 
+@needs_data("digits")
 def test_save_weights_only_applies_to_the_last_checkpoint_too(tmp_path: Path) -> None:
     _run(
         tmp_path,
@@ -170,6 +173,7 @@ def test_save_weights_only_applies_to_the_last_checkpoint_too(tmp_path: Path) ->
         assert "optimizer_states" not in torch.load(path, weights_only=True), path.name
 
 
+@needs_data("digits")
 @pytest.mark.parametrize(("limit", "batches"), [("1", 1), ("2", 2), ("1.0", 6), ("0.5", 3)])
 def test_an_integer_limit_is_a_number_of_batches_a_float_a_fraction(tmp_path: Path, limit: str, batches: int) -> None:
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
@@ -184,6 +188,7 @@ def test_an_integer_limit_is_a_number_of_batches_a_float_a_fraction(tmp_path: Pa
     assert type(cli.config.trainer.val_check_interval) is number
 
 
+@needs_data("digits")
 def test_a_fit_that_ends_before_any_validation_still_leaves_last_ckpt(tmp_path: Path) -> None:
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
     args += ["--model.hidden_size=4", f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false", *SMALL]
@@ -192,6 +197,7 @@ def test_a_fit_that_ends_before_any_validation_still_leaves_last_ckpt(tmp_path: 
     assert last["global_step"] == 3
 
 
+@needs_data("digits")
 def test_model_options_that_contradict_the_checkpoint_are_refused(tmp_path: Path) -> None:
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
     args += [f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false", *SMALL]
