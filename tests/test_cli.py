@@ -98,6 +98,11 @@ def test_fit_tests_the_best_checkpoint_then_validate_and_test_read_it(tmp_path: 
     predictions = torch.load(run / "predictions.pt")  # one class id per test example (20% of the 1797)
     assert f"predictions: {Path('runs') / 'quickstart' / 'predictions.pt'}" in out.stdout
     assert predictions.shape == (359,) and predictions.dtype == torch.long and 0 <= predictions.min() <= 9
+    with (run / "predictions.csv").open(newline="") as f:  # the same classes, with their probabilities and the truth
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", *(f"p_{k}" for k in range(10)), "predicted", "true"]
+    assert [int(r["predicted"]) for r in rows] == predictions.tolist()
+    assert all(abs(sum(float(r[f"p_{k}"]) for k in range(10)) - 1) < 1e-4 for r in rows)
     # the hidden size came from the checkpoint, not from the config (64), or the weights would not have loaded
     assert "hidden_size: 8" in (run / "version_2" / "config.yaml").read_text()
 
