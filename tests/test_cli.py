@@ -118,6 +118,9 @@ def test_ptb_char_fit_writes_a_checkpoint_and_test_reports_bpc(tmp_path: Path) -
     assert len(checkpoint["vocab"]) == checkpoint["hyper_parameters"]["dims"]["vocab_size"] == 50
     out = _run(tmp_path, "test", *args, *small, f"--ckpt_path={last}", "--trainer.limit_test_batches=2", *SMALL)
     assert "test/bpc" in out.stdout and "test/ppl" in out.stdout
+    _run(tmp_path, "predict", *args, *small, f"--ckpt_path={last}", "--trainer.limit_predict_batches=2", *SMALL)
+    samples = (last.parents[1] / "samples.txt").read_text()  # three texts in PTB's characters
+    assert samples.count("# sample ") == 3 and torch.load(last.parents[1] / "predictions.pt").shape == (8, 10)
 
 
 def test_print_config_shows_composed_configs_and_the_linked_sizes_are_not_options(tmp_path: Path) -> None:

@@ -320,6 +320,11 @@ class LanguageModelingData(L.LightningDataModule):
         """The test windows, in order."""
         return WindowLoader(self.windows("test"), self.num_workers)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test windows, in order, through a plain DataLoader (``predict`` wraps its sampler to track the batch
+        indices, which `WindowLoader` does not allow)."""
+        return DataLoader(self.windows("test"), batch_size=None, shuffle=False, num_workers=self.num_workers)
+
     def to_symbols(self, text: str) -> list[str]:
         """Split text into symbols: characters, or words with ``<eos>`` at each line break."""
         if self.level == "word":
