@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from zoo.cli import main
 from zoo.data import CSVForecasting, DataError
-from zoo.models import LanguageModel, SequenceClassifier
+from zoo.models import Forecaster, LanguageModel, SequenceClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
@@ -132,3 +132,21 @@ def test_language_model_predict_writes_text_samples(tmp_path: Path) -> None:
     assert path.name == "samples.txt" and text.count("# sample ") == 3
     bodies = [part.split("\n", 1)[1] for part in text.split("# sample ")[1:]]
     assert all(len(body.strip("\n")) > 100 and set(body) <= set("abc\n") for body in bodies)
+
+
+def test_forecaster_csv_columns_for_several_targets_and_a_limited_predict(tmp_path: Path) -> None:
+    data = tmp_path / "train.csv"
+    write_csv(data, 24 * 5)
+    dm = CSVForecasting(str(data), target=["OT", "HUFL"], split=("3D", "1D", "1D"), input_len=12, horizon=2)
+    model = Forecaster(hidden_size=4, dims=dm.dims)
+    outputs = torch.zeros(5, 2, 2)  # the first 5 of the 21 origins (as limit_predict_batches leaves them)
+    (path,) = model.write_predictions(outputs, dm, tmp_path)
+    rows = read_rows(path)
+    assert list(rows[0]) == [
+        "origin_row", "origin_date",
+        "OT_h1", "OT_h1_true", "OT_h2", "OT_h2_true", "HUFL_h1", "HUFL_h1_true", "HUFL_h2", "HUFL_h2_true",
+    ]  # fmt: skip
+    assert [int(r["origin_row"]) for r in rows] == [95, 96, 97, 98, 99]
+    # a zero forecast on the normalized scale is each target's training mean on the original scale
+    assert float(rows[0]["HUFL_h2"]) == pytest.approx(float(dm.target_mean[1]), rel=1e-5)
+    assert model.write_predictions(outputs, None, tmp_path) == []  # another DataModule: no CSV

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -152,6 +153,9 @@ class SequenceClassifier(RecurrentModule):
         batches carry labels, ``true``. Class names come from the DataModule's ``class_labels`` where it has them."""
         probabilities = getattr(self, "_probabilities", None)
         if not probabilities:
+            return []
+        if self._trainer is not None and self._trainer.world_size > 1:
+            rank_zero_warn("predictions.csv is written by single-process predict only (each process predicts a share)")
             return []
         probs = torch.cat(probabilities)
         labels = getattr(datamodule, "class_labels", None) or []

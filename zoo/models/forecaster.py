@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
@@ -203,10 +204,15 @@ class Forecaster(RecurrentModule):
         """
         if not isinstance(datamodule, CSVForecasting) or not isinstance(outputs, Tensor):
             return []
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            rank_zero_warn("predictions.csv is written by single-process predict only (each process forecasts a share)")
+            return []
         origins = datamodule.predict_origins()
         pred = outputs.detach().float().cpu() * datamodule.target_std + datamodule.target_mean
-        if len(pred) != len(origins.rows):
-            raise RuntimeError(f"{len(pred)} forecasts for {len(origins.rows)} origins (limit_predict_batches?)")
+        if len(pred) > len(origins.rows):
+            raise RuntimeError(f"{len(pred)} forecasts for {len(origins.rows)} origins")
+        # fewer forecasts than origins: limit_predict_batches kept the first ones, in order
         steps = range(1, self.horizon + 1)
         columns = ["origin_row", *(["origin_date"] if origins.dates is not None else [])]
         for name in datamodule.target:
@@ -216,7 +222,7 @@ class Forecaster(RecurrentModule):
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
-            for i, row in enumerate(origins.rows):
+            for i, row in enumerate(origins.rows[: len(pred)]):
                 cells: list[object] = [row, *([origins.dates[i]] if origins.dates is not None else [])]
                 for t in range(len(datamodule.target)):
                     for h in range(self.horizon):
