@@ -378,6 +378,13 @@ def test_the_manifest_matches_the_bundled_files_and_their_cards() -> None:
         assert (ROOT / card.command.split()[-1]).is_file()
 
 
+def test_published_training_configs_name_their_data_relative_to_the_data_root() -> None:
+    """The bundled models were published with ``../shared/data/<sub-path>``; they read ``<sub-path>`` under the root."""
+    for entry in hub.list_pretrained():
+        init_args = hub.read_published(entry.name).training_config["data"]["init_args"]
+        assert init_args["data_dir"] in ("digits", "tinyshakespeare"), init_args
+
+
 @needs_data("digits")
 def test_a_published_digits_model_reproduces_its_card_with_train_py_test(tmp_path: Path) -> None:
     name = "digits-lstm"
