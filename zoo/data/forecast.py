@@ -373,7 +373,6 @@ class CSVForecasting(L.LightningDataModule):
             mean, std = torch.zeros(len(used)), torch.ones(len(used))
         data = ((values - mean) / std).float()
         self.mean, self.std = mean.float(), std.float()
-        self._scaled = data
         self._used = used
         feat = [used.index(c) for c in self.feature_columns]
         tgt = [used.index(c) for c in self.target]
@@ -440,7 +439,7 @@ class CSVForecasting(L.LightningDataModule):
             values = fill_missing(values, self.missing, self.predict_path, used)[-self.input_len :]
             x = ((values - self.mean.double()) / self.std.double()).float()[:, feat]
             return ForecastOrigins(x=x.unsqueeze(0), rows=[last], dates=[dates[-1]] if dates else None, truth=None)
-        lo, hi = self.borders["test"]
+        lo = self.borders["test"][0]
         ds = self.dataset("test")
         tgt = [self._used.index(c) for c in self.target]
         x = torch.stack([ds[i][0] for i in range(len(ds))])
