@@ -2,7 +2,7 @@
 # cuDNN; torch>=2.8 is then satisfied, so pip keeps the image's build), then the project and its other dependencies
 # (without the dev and docs extras), then the optional C++ build of the fused loops.
 #   docker build -t zoo .
-#   docker run --gpus all -v /path/to/shared/data:/workspace/shared/data -v $PWD/runs:/workspace/zoo/runs \
+#   docker run --gpus all -v /path/to/data:/workspace/data -v $PWD/runs:/workspace/zoo/runs \
 #       -e WANDB_API_KEY zoo fit --config configs/ptb_char/bn_lstm.yaml
 # Arguments after the image name go to train.py. The W&B key comes only from the environment at run time.
 ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
@@ -13,7 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The configs read ../shared/data relative to the project root: /workspace/shared/data.
+# The data root (zoo.data.root): the configs' relative data paths are read under ZOO_DATA, mounted at /workspace/data.
+ENV ZOO_DATA=/workspace/data
 WORKDIR /workspace/zoo
 
 # Dependencies first (a layer that changes only with pyproject.toml), then the code.
@@ -29,12 +30,12 @@ COPY train.py ./
 COPY configs ./configs
 
 RUN useradd --create-home --uid 1000 --shell /bin/bash zoo \
-    && mkdir -p /workspace/shared/data /workspace/zoo/runs \
-    && chown -R zoo:zoo /workspace/zoo/runs /workspace/shared
+    && mkdir -p /workspace/data /workspace/zoo/runs \
+    && chown -R zoo:zoo /workspace/zoo/runs /workspace/data
 USER 1000:1000
 
 # Data (read) and outputs: checkpoints, logs, offline W&B runs (runs/ is train.py's default root).
-VOLUME ["/workspace/shared/data", "/workspace/zoo/runs"]
+VOLUME ["/workspace/data", "/workspace/zoo/runs"]
 
 ENTRYPOINT ["python", "train.py"]
 CMD ["fit", "--help"]

@@ -1,19 +1,52 @@
 """Shared fixtures: a fixed seed for every test, each `zoo.nn` variant, one thread for the `zoo.nn` tests, and the
 device of the fused-path tests (``pytest tests/test_nn_fused.py --device cuda`` checks the fused path against the
-step-by-step engine on a GPU; the default is the CPU)."""
+step-by-step engine on a GPU; the default is the CPU), and the data root of the tests that read real data sets
+(``ZOO_DATA``: the project's neighbour ``../shared/data`` where it exists and ``ZOO_DATA`` is unset; see
+tests/needs_data.py): a test that skips for missing data fails instead under ``CI`` or ``--require-data``."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import zoo.nn
+from zoo.data.root import ENV
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not os.environ.get(ENV) and SHARED_DATA.is_dir():  # before any test module reads the root
+    os.environ[ENV] = str(SHARED_DATA)
+
+MISSING_DATA = "missing data"  # the start of the reason of tests/needs_data.py's skips
 
 VARIANTS = [v.name for v in zoo.nn.list_variants()]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="device of the fused-path tests (cpu, cuda, cuda:1, ...)")
+    parser.addoption(
+        "--require-data",
+        action="store_true",
+        help="a test that skips for missing data fails instead (the default when the CI variable is set)",
+    )
+
+
+def _require_data(config: pytest.Config) -> bool:
+    return bool(config.getoption("--require-data") or os.environ.get("CI"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under ``CI`` (or ``--require-data``), a skip for missing data is a failure, its reason the message."""
+    report = yield
+    if report.skipped and _require_data(item.config) and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        if reason.startswith(MISSING_DATA):
+            report.outcome = "failed"
+            report.longrepr = f"{reason} (a skip for missing data fails under CI / --require-data)"
+    return report
 
 
 def pytest_configure(config: pytest.Config) -> None:

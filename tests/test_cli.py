@@ -13,12 +13,11 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from needs_data import DATA, needs_data
 
 from zoo.cli import ZooCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 
 SMALL = [
     "--trainer.enable_progress_bar=false",
@@ -35,6 +34,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@needs_data("digits")
 def test_fit_tests_the_best_checkpoint_then_validate_and_test_read_it(tmp_path: Path) -> None:
     fit = _run(
         tmp_path,
@@ -98,10 +98,16 @@ def test_fit_tests_the_best_checkpoint_then_validate_and_test_read_it(tmp_path: 
     predictions = torch.load(run / "predictions.pt")  # one class id per test example (20% of the 1797)
     assert f"predictions: {Path('runs') / 'quickstart' / 'predictions.pt'}" in out.stdout
     assert predictions.shape == (359,) and predictions.dtype == torch.long and 0 <= predictions.min() <= 9
+    with (run / "predictions.csv").open(newline="") as f:  # the same classes, with their probabilities and the truth
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", *(f"p_{k}" for k in range(10)), "predicted", "true"]
+    assert [int(r["predicted"]) for r in rows] == predictions.tolist()
+    assert all(abs(sum(float(r[f"p_{k}"]) for k in range(10)) - 1) < 1e-4 for r in rows)
     # the hidden size came from the checkpoint, not from the config (64), or the weights would not have loaded
     assert "hidden_size: 8" in (run / "version_2" / "config.yaml").read_text()
 
 
+@needs_data("ptb")
 def test_ptb_char_fit_writes_a_checkpoint_and_test_reports_bpc(tmp_path: Path) -> None:
     args = ["--config", str(ROOT / "configs/ptb_char/bn_lstm.yaml"), f"--data.data_dir={DATA / 'ptb'}"]
     small = ["--model.hidden_size=16", "--data.batch_size=4", "--data.bptt=10", "--trainer.limit_val_batches=2"]
@@ -112,6 +118,9 @@ def test_ptb_char_fit_writes_a_checkpoint_and_test_reports_bpc(tmp_path: Path) -
     assert len(checkpoint["vocab"]) == checkpoint["hyper_parameters"]["dims"]["vocab_size"] == 50
     out = _run(tmp_path, "test", *args, *small, f"--ckpt_path={last}", "--trainer.limit_test_batches=2", *SMALL)
     assert "test/bpc" in out.stdout and "test/ppl" in out.stdout
+    _run(tmp_path, "predict", *args, *small, f"--ckpt_path={last}", "--trainer.limit_predict_batches=2", *SMALL)
+    samples = (last.parents[1] / "samples.txt").read_text()  # three texts in PTB's characters
+    assert samples.count("# sample ") == 3 and torch.load(last.parents[1] / "predictions.pt").shape == (8, 10)
 
 
 def test_print_config_shows_composed_configs_and_the_linked_sizes_are_not_options(tmp_path: Path) -> None:
@@ -133,6 +142,7 @@ def test_print_config_shows_composed_configs_and_the_linked_sizes_are_not_option
     assert "dims" not in config["model"]["init_args"]  # a link target: set by the data, not by configs
 
 
+@needs_data("digits")
 def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["train.py"])
     args = ["--trainer.default_root_dir", str(tmp_path), "--data.data_dir", str(DATA / "digits")]
@@ -149,6 +159,7 @@ def test_the_model_class_decides_what_the_checkpoint_monitors(tmp_path: Path, mo
     assert (cli.trainer.checkpoint_callback.monitor, cli.trainer.checkpoint_callback.mode) == ("val/loss", "min")
 
 
+@needs_data("digits")
 def test_save_weights_only_applies_to_the_last_checkpoint_too(tmp_path: Path) -> None:
     _run(
         tmp_path,
@@ -170,6 +181,7 @@ def test_save_weights_only_applies_to_the_last_checkpoint_too(tmp_path: Path) ->
         assert "optimizer_states" not in torch.load(path, weights_only=True), path.name
 
 
+@needs_data("digits")
 @pytest.mark.parametrize(("limit", "batches"), [("1", 1), ("2", 2), ("1.0", 6), ("0.5", 3)])
 def test_an_integer_limit_is_a_number_of_batches_a_float_a_fraction(tmp_path: Path, limit: str, batches: int) -> None:
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
@@ -184,6 +196,7 @@ def test_an_integer_limit_is_a_number_of_batches_a_float_a_fraction(tmp_path: Pa
     assert type(cli.config.trainer.val_check_interval) is number
 
 
+@needs_data("digits")
 def test_a_fit_that_ends_before_any_validation_still_leaves_last_ckpt(tmp_path: Path) -> None:
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
     args += ["--model.hidden_size=4", f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false", *SMALL]
@@ -192,6 +205,7 @@ def test_a_fit_that_ends_before_any_validation_still_leaves_last_ckpt(tmp_path: 
     assert last["global_step"] == 3
 
 
+@needs_data("digits")
 def test_model_options_that_contradict_the_checkpoint_are_refused(tmp_path: Path) -> None:
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), f"--data.data_dir={DATA / 'digits'}"]
     args += [f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=false", *SMALL]

@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from needs_data import require_data
 
 from zoo.cli import ZooCLI
 from zoo.data import PennTreebank
 from zoo.models import RecurrentModule
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 STUDY = (
     ROOT / "configs" / "study"
 )  # the study's plan (tests/test_study.py) and its task configs (variant from the plan)
@@ -25,7 +25,6 @@ CONFIGS = sorted(
     for p in (ROOT / "configs").rglob("*.yaml")
     if not p.name.startswith("_") and p.parent.name != "logger" and p != STUDY / "plan.yaml"
 )
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
 
 
 def _data_config(path: Path) -> dict:
@@ -36,12 +35,12 @@ def _data_config(path: Path) -> dict:
 
 
 def _args(path: Path, tmp_path: Path) -> list[str]:
-    """The config, outputs in tmp_path, and its data_dir moved from ../shared/data to the real shared folder."""
-    args = ["--config", str(path), "--trainer.default_root_dir", str(tmp_path)]
-    data_dir = _data_config(path).get("init_args", {}).get("data_dir")
-    if data_dir and data_dir.startswith("../shared/data"):
-        args += ["--data.init_args.data_dir", str(SHARED / data_dir.removeprefix("../shared/data").lstrip("/"))]
-    return args
+    """The config with its outputs in tmp_path; skips (missing data) unless the data root holds the config's data."""
+    init_args = _data_config(path).get("init_args", {})
+    data = init_args.get("data_dir") or init_args.get("path")
+    assert data and not Path(data).is_absolute() and not data.startswith("."), f"{path}: data path {data!r}"
+    require_data(data)  # a config names its data relative to the data root
+    return ["--config", str(path), "--trainer.default_root_dir", str(tmp_path)]
 
 
 _PTB_LOAD = PennTreebank.load

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs_data import DATA, needs_data
 
 from zoo.data import DataError, SequentialDigits
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "digits" / "optdigits.tes").is_file(), reason=f"no {DATA}/digits")
+needs_digits = needs_data("digits/optdigits.tes")
 
 
 def file_rows() -> torch.Tensor:
@@ -17,7 +17,7 @@ def file_rows() -> torch.Tensor:
         return torch.tensor([[int(v) for v in row] for row in csv.reader(f) if row])
 
 
-@needs_data
+@needs_digits
 def test_shapes_dims_and_split() -> None:
     dm = SequentialDigits(data_dir=str(DATA / "digits"), batch_size=32)
     assert dm.dims == {"input_size": 1, "num_classes": 10, "max_steps": 64}
@@ -41,7 +41,7 @@ def test_shapes_dims_and_split() -> None:
     assert abs(train_x.mean().item()) < 1e-5 and abs(train_x.std().item() - 1) < 1e-5
 
 
-@needs_data
+@needs_digits
 def test_raw_scaling_seed_and_disjoint_splits() -> None:
     rows = file_rows()
     a = SequentialDigits(data_dir=str(DATA / "digits"), normalize=False, seed=3)

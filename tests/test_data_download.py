@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 from localserver import serve
+from needs_data import DATA, require_data
 
 from zoo.data import DataError, PennTreebank, SequentialDigits, SequentialMNIST, TinyShakespeare, sha256sum
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no {DATA} to serve")
 
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server of the data root (which must hold the data sets that the tests download)."""
+    require_data("digits", "mnist", "ptb", "tinyshakespeare")
     with serve(DATA) as s:
         yield s
 

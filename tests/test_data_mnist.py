@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs_data import DATA, needs_data
 
 from zoo.data import DataError, SequentialMNIST
 from zoo.data.mnist import MNIST_MEAN, MNIST_STD, read_idx_gz
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"no {DATA}/mnist")
+needs_mnist = needs_data("mnist")
 
 
 @cache

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from needs_data import DATA, needs_data
 from torch import nn
 
 from zoo.data import DataError, PennTreebank, TextFile, TinyShakespeare
@@ -20,9 +21,8 @@ from zoo.data.text import (
     read_words,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_ptb = pytest.mark.skipif(not (DATA / "ptb").is_dir(), reason=f"no {DATA}/ptb")
-needs_shakespeare = pytest.mark.skipif(not (DATA / "tinyshakespeare").is_dir(), reason=f"no {DATA}/tinyshakespeare")
+needs_ptb = needs_data("ptb")
+needs_shakespeare = needs_data("tinyshakespeare")
 
 
 @cache

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs_data import DATA, needs_data
 
 from zoo.data.text import BPTTWindows
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--seed_everything=0"]
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo backend"
@@ -112,7 +112,7 @@ def test_language_model_on_two_ranks_equals_one_rank(tmp_path: Path, text: Path)
     assert _metric(tmp_path / "runs/val1", "val/bpc") == pytest.approx(_metric(tmp_path / "runs/two", "val/bpc"))
 
 
-@pytest.mark.skipif(not (DATA / "digits").is_dir(), reason=f"shared data not found at {DATA / 'digits'}")
+@needs_data("digits")
 def test_classifier_splits_the_epoch_writes_once_and_resumes_on_one_rank(tmp_path: Path) -> None:
     args = [
         "--model=zoo.models.SequenceClassifier",

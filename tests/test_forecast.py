@@ -8,12 +8,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from needs_data import DATA, needs_data
 
 from zoo.data.download import DataError
 from zoo.data.forecast import CSVForecasting, WindowDataset, fill_missing, naive_last_value_metrics
 from zoo.models.forecaster import Forecaster
 
-ETTH1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ett" / "ETTh1.csv"
+ETTH1 = DATA / "ett" / "ETTh1.csv"
 COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
 
 
@@ -110,7 +111,7 @@ def test_split_in_rows_and_fractions(csv_path: Path, split: tuple, rows: tuple) 
     assert dm.borders["train"] == (0, n_tr) and dm.borders["test"] == (n_tr + n_va - 8, n_tr + n_va + n_te)
 
 
-@pytest.mark.skipif(not ETTH1.is_file(), reason=f"the shared ETTh1 copy is absent ({ETTH1})")
+@needs_data("ett/ETTh1.csv")
 def test_etth1_standard_split() -> None:
     dm = CSVForecasting(str(ETTH1), input_len=96, horizon=96)
     dm.setup()

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from localserver import serve
+from needs_data import DATA, needs_data, require_data
 from safetensors.torch import load_file
 
 import zoo.hub as hub
@@ -25,8 +26,6 @@ from zoo.hub.publish import _training_description
 from zoo.models import LanguageModel, SequenceClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 
 QUIET = [
     "--trainer.enable_progress_bar=false",
@@ -52,6 +51,7 @@ def _fit(root: Path, *args: str) -> Path:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, exported directory) of a 2-layer ln_lstm (hidden 8) trained for 4 steps on sequential digits."""
+    require_data("digits")
     root = tmp_path_factory.mktemp("digits")
     ckpt = _fit(
         root,
@@ -70,6 +70,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, exported directory) of a bn_lstm language model (hidden 16) trained 3 steps on tiny-shakespeare."""
+    require_data("tinyshakespeare")
     root = tmp_path_factory.mktemp("shakespeare")
     ckpt = _fit(
         root,
@@ -377,6 +378,14 @@ def test_the_manifest_matches_the_bundled_files_and_their_cards() -> None:
         assert (ROOT / card.command.split()[-1]).is_file()
 
 
+def test_published_training_configs_name_their_data_relative_to_the_data_root() -> None:
+    """The bundled models were published with ``../shared/data/<sub-path>``; they read ``<sub-path>`` under the root."""
+    for entry in hub.list_pretrained():
+        init_args = hub.read_published(entry.name).training_config["data"]["init_args"]
+        assert init_args["data_dir"] in ("digits", "tinyshakespeare"), init_args
+
+
+@needs_data("digits")
 def test_a_published_digits_model_reproduces_its_card_with_train_py_test(tmp_path: Path) -> None:
     name = "digits-lstm"
     if name not in {e.name for e in hub.list_pretrained()}:
@@ -396,6 +405,7 @@ def test_a_published_digits_model_reproduces_its_card_with_train_py_test(tmp_pat
     assert float(row.split()[-1]) == pytest.approx(card.metrics["test/acc"], abs=1e-7)
 
 
+@needs_data("tinyshakespeare")
 def test_a_published_language_model_reproduces_its_card_and_writes_text() -> None:
     model = hub.load_pretrained("shakespeare-lstm")
     assert model.card.metric == "test/bpc" and model.vocab is not None and len(model.vocab) == 65

@@ -15,12 +15,12 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
+from needs_data import DATA, needs_data
 
 from zoo.cli import main
 from zoo.models.reports import run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 SMALL = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
@@ -29,7 +29,7 @@ SMALL = [
 
 
 def need(name: str) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(not (DATA / name).is_dir(), reason=f"shared data not found at {DATA / name}")
+    return needs_data(name)
 
 
 def assert_png(path: Path) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from needs_data import DATA, require_data
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 
 
 class SigkillAt(L.Callback):
@@ -110,8 +110,7 @@ lr_scheduler:
 @pytest.mark.parametrize("task", ["classifier", "language_model"])
 def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path: Path, task: str) -> None:
     if task == "classifier":
-        if not (DATA / "digits").is_dir():
-            pytest.skip(f"shared data not found at {DATA / 'digits'}")
+        require_data("digits")
         config = CLASSIFIER.replace("DATA_DIR", str(DATA / "digits"))  # 20 shuffled batches an epoch
     else:
         config = LANGUAGE_MODEL  # 14 windows an epoch; the hidden state is carried from one to the next

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from localserver import serve
+from needs_data import DATA, needs_data
 
 from zoo.data.download import DataError, sha256sum
 from zoo.data.ucr import KNOWN_SHA256, UCRArchive, collate_padded, interpolate_missing, read_ts, stratified_split
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-ARCHIVE = SHARED / "ucr_uea"
-needs_archive = pytest.mark.skipif(not ARCHIVE.is_dir(), reason=f"the shared UCR/UEA copy is absent ({ARCHIVE})")
+ARCHIVE = DATA / "ucr_uea"
+needs_archive = needs_data("ucr_uea")
 
 HEADER = (
     "#a comment\n@problemName {name}\n@timeStamps false\n@missing {missing}\n@univariate {uni}\n"

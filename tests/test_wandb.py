@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from needs_data import DATA, needs_data
 
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 
 
 def read_records(path: Path) -> list:
@@ -39,7 +39,7 @@ def read_records(path: Path) -> list:
     return records
 
 
-@pytest.mark.skipif(not (DATA / "digits").is_dir(), reason=f"shared data not found at {DATA / 'digits'}")
+@needs_data("digits")
 def test_offline_wandb_run_holds_the_config_and_the_metrics(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     cmd = [

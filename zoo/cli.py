@@ -70,7 +70,8 @@ class ZooCLI(LightningCLI):
     - Every checkpoint is read weights-only (``--weights_only false`` is refused), a remote one too, and
       ``--ckpt_path`` is read before any work starts (`zoo.checkpoints`).
     - ``predict`` saves the model's outputs to ``<root>/<name>/predictions.pt`` (on the test split when the
-      DataModule has no predict split).
+      DataModule has no predict split), and the model's ``write_predictions`` (if it has one) writes its readable
+      files beside it: ``predictions.csv`` of a forecaster or a classifier, ``samples.txt`` of a language model.
     - ``--test_after_fit true`` tests the best checkpoint when fit ends and prints its path and the test metrics.
     - The optimizer defaults to Adam (lr 1e-3); ``optimizer:`` / ``lr_scheduler:`` in a config choose others.
     - Published models (`zoo.hub`: a name, directory, URL or ``hf://owner/repo``): ``--init_from <model>`` starts from
@@ -245,7 +246,8 @@ class ZooCLI(LightningCLI):
 
     def predict(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None, **kwargs: Any) -> None:
         """Predict (on the test split when the DataModule has no predict split), save the outputs to
-        ``<root>/<name>/predictions.pt`` and print where."""
+        ``<root>/<name>/predictions.pt``, let the model write its readable files there (``write_predictions``) and
+        print where."""
         if datamodule is not None and not is_overridden("predict_dataloader", datamodule, L.LightningDataModule):
             datamodule.predict_dataloader = datamodule.test_dataloader
         outputs = self.trainer.predict(model, datamodule=datamodule, **kwargs)
@@ -253,8 +255,12 @@ class ZooCLI(LightningCLI):
         path = Path(cfg.trainer.default_root_dir or "runs") / cfg.name / "predictions.pt"
         if self.trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(_tensor_outputs(outputs), path)
+            tensors = _tensor_outputs(outputs)
+            torch.save(tensors, path)
             print(f"predictions: {path}")
+            writer = getattr(model, "write_predictions", None)
+            for written in writer(tensors, datamodule, path.parent) if callable(writer) else []:
+                print(f"predictions: {written}")
 
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit:

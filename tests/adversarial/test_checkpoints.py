@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from localserver import serve
+from needs_data import DATA, require_data
 
 import zoo.hub as hub
 from zoo.checkpoints import CheckpointError, load_checkpoint
@@ -20,8 +21,6 @@ from zoo.data import sha256sum
 from zoo.models import SequenceClassifier
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 QUICK = [
     "--config",
     str(ROOT / "configs/quickstart.yaml"),
@@ -55,6 +54,7 @@ def _cli(root: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoint: a hidden-8 ln_lstm on the digits after 2 steps."""
+    require_data("digits")
     root = tmp_path_factory.mktemp("real")
     _cli(root, "fit", *QUICK, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--name=real")
     return root / "runs" / "real" / "checkpoints" / "last.ckpt"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from needs_data import DATA, needs_data
 
 from zoo.cli import main
 from zoo.data import (
@@ -26,7 +27,7 @@ from zoo.data import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DIGITS = ROOT.parent / "shared" / "data" / "digits"
+DIGITS = DATA / "digits"
 CLOSED = "http://127.0.0.1:9"  # a closed port: a download attempt fails at once, never reaching the network
 
 # ------------------------------------------------------------------------------------------- numeric options
@@ -73,7 +74,7 @@ def test_bad_window_sizes_rejected_at_construction(cls: type, kwargs: dict) -> N
         cls(**kwargs)
 
 
-@pytest.mark.skipif(not DIGITS.is_dir(), reason=f"shared data not found at {DIGITS}")
+@needs_data("digits")
 def test_cli_batch_size_zero_fails_before_any_run_folder(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.data_dir", str(DIGITS)]

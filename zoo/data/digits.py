@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .checks import check_counts
 from .download import DataError, ensure_file
+from .root import resolve_data_path
 
 FILE = "optdigits.tes"
 SHA256 = "85f89a0333cbbcf5b1a42f3d4d74013ee35f5e44dbeb5f9b54f78ce5b4f94910"
@@ -65,7 +66,8 @@ def stratified_split(labels: torch.Tensor, fractions: tuple[float, ...], seed: i
 class SequentialDigits(L.LightningDataModule):
     """The UCI optdigits test file (1797 images of 8x8 pixels, 10 classes) as 64-step sequences of one pixel.
 
-    The file is read from ``data_dir`` (downloaded from ``base_url``, default UCI, when absent; sha256-verified) and
+    The file is read from ``data_dir`` (a relative one under the data root: `zoo.data.root`; downloaded from
+    ``base_url``, default UCI, when absent; sha256-verified) and
     split, seeded and stratified by class, into train / val / test (``val_fraction`` and ``test_fraction`` of every
     class go to val and test).
     Pixels are scaled from 0..16 to [0, 1]; with ``normalize`` they are then standardized with the mean and standard
@@ -78,7 +80,7 @@ class SequentialDigits(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "../shared/data/digits",
+        data_dir: str = "digits",
         batch_size: int = 64,
         num_workers: int = 0,
         val_fraction: float = 0.1,
@@ -94,7 +96,7 @@ class SequentialDigits(L.LightningDataModule):
             )
         check_counts(f"SequentialDigits({data_dir})", {"batch_size": batch_size}, {"num_workers": num_workers})
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
+        self.data_dir = resolve_data_path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.base_url = (base_url or self.base_url).rstrip("/")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .root import root_hint
+
 
 class DataError(ValueError):
     """Missing, corrupt or malformed data; the message names the file (and line or column) at fault."""
@@ -72,7 +74,7 @@ def download(
         expected = f" (sha256 {sha256})" if sha256 else ""
         raise DataError(
             f"{dest} does not exist and could not be downloaded from {url}: {e}. "
-            f"Offline, put a copy of that file{expected} at {dest}."
+            f"Offline, put a copy of that file{expected} at {dest}. {root_hint()}"
         ) from e
     except DataError:
         part.unlink(missing_ok=True)
@@ -109,5 +111,5 @@ def ensure_file(
             check(path)
         return path
     if url is None:
-        raise DataError(f"{path} does not exist and there is no source to download it from")
+        raise DataError(f"{path} does not exist and there is no source to download it from. {root_hint()}")
     return download(url, path, sha256, check=check)

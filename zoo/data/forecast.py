@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -22,12 +23,13 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .checks import check_counts, parse_number
 from .download import DataError, ensure_file
+from .root import resolve_data_path
 
-# Canonical sources and sha256 of the files whose names are known (../shared/data/README.md).
+# Canonical sources and sha256 of the files whose names are known.
 KNOWN_FILES: dict[str, tuple[str, str]] = {
     "ETTh1.csv": (
         "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/ETTh1.csv",
@@ -123,7 +125,8 @@ class CSVForecasting(L.LightningDataModule):
     """Forecasting windows over a CSV file with a header row, batched as ``(x, y)``.
 
     Args:
-        path: the CSV file (downloaded from its canonical source if absent and its name is in ``KNOWN_FILES``); its
+        path: the CSV file (a relative path is read under the data root, `zoo.data.root`; downloaded from its
+            canonical source if absent and its name is in ``KNOWN_FILES``); its
             header must name every column once (a repeated or empty name is a `DataError`).
         target: the column(s) to forecast.
         features: the input columns; ``None``: every column but ``date_column``.
@@ -142,6 +145,10 @@ class CSVForecasting(L.LightningDataModule):
         scale: standardize every column with the train part's mean and std.
         batch_size, num_workers: DataLoader settings (train windows are shuffled).
         sha256: expected sha256 of the file (defaults to the known one for the names in ``KNOWN_FILES``).
+        predict_path: a CSV to forecast from (resolved like ``path``): ``predict`` forecasts the ``horizon`` rows after
+            its last ``input_len`` rows. It must have the feature and target columns (and the date column, if
+            ``path`` has one); it is scaled with the statistics of ``path``'s train part. ``None``: ``predict`` runs
+            on every test window (one origin per window, with the actual values).
 
     ``dims`` is ``{"input_size": C, "output_size": n_targets, "horizon": H, "max_steps": input_len}``; ``target_mean``
     and ``target_std`` (after ``setup``) map normalized targets back to the original scale.
@@ -149,7 +156,7 @@ class CSVForecasting(L.LightningDataModule):
 
     def __init__(
         self,
-        path: str = "../shared/data/ett/ETTh1.csv",
+        path: str = "ett/ETTh1.csv",
         target: list[str] | str = "OT",
         features: list[str] | None = None,
         date_column: str | None = "auto",
@@ -161,6 +168,7 @@ class CSVForecasting(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         sha256: str | None = None,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         if missing not in ("reject", "ffill", "interpolate"):
@@ -172,7 +180,7 @@ class CSVForecasting(L.LightningDataModule):
         )
         if len(split) != 3:
             raise ValueError(f"split must give train, val and test, got {split!r}")
-        self.path = Path(path)
+        self.path = resolve_data_path(path)
         self.target = [target] if isinstance(target, str) else list(target)
         self.features = None if features is None else list(features)
         for option, names in (("target", self.target), ("features", self.features or [])):
@@ -190,6 +198,8 @@ class CSVForecasting(L.LightningDataModule):
         url, known = KNOWN_FILES.get(self.path.name, (None, None))
         self.url = url
         self.sha256 = sha256 or known
+        self.predict_path = None if predict_path is None else resolve_data_path(predict_path)
+        self.dates: list[str] = []
         self._header: list[str] | None = None
         self._datasets: dict[str, WindowDataset] | None = None
         self.mean: Tensor | None = None
@@ -260,15 +270,31 @@ class CSVForecasting(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------------ reading
 
-    def _read(self) -> tuple[Tensor, list[str], list[str]]:
-        """The used columns as a float64 tensor ``(rows, n)`` (NaN where missing), their names and the dates."""
+    def _read(self, path: Path | None = None) -> tuple[Tensor, list[str], list[str]]:
+        """The used columns of ``path`` (default: ``self.path``) as a float64 tensor ``(rows, n)`` (NaN where
+        missing), their names and every row's date (none without a date column).
+
+        Another file than ``path`` (``predict_path``) is checked for the columns that ``path`` has."""
         header = self._columns()
         used = list(dict.fromkeys([*self.feature_columns, *self.target]))
+        if path is None:
+            path = self.path
+        else:
+            ensure_file(path)
+            with _open_csv(path) as reader:
+                header = [h.strip() for h in next(reader, None) or []]
+            wanted = [*used, *([self.date_column] if self.date_column else [])]
+            absent = [c for c in wanted if c not in header]
+            if absent:
+                raise DataError(
+                    f"{path}: no column {', '.join(map(repr, absent))}, which {self.path} has and the model reads; "
+                    f"its columns: {header}"
+                )
         idx = [header.index(c) for c in used]
         date_idx = header.index(self.date_column) if self.date_column else None
         rows: list[list[float]] = []
         dates: list[str] = []
-        with _open_csv(self.path) as reader:
+        with _open_csv(path) as reader:
             next(reader)
             for row in reader:
                 line = reader.line_num
@@ -276,7 +302,7 @@ class CSVForecasting(L.LightningDataModule):
                     continue
                 if len(row) != len(header):
                     raise DataError(
-                        f"{self.path}, line {line}: {len(row)} field(s), the header has {len(header)} "
+                        f"{path}, line {line}: {len(row)} field(s), the header has {len(header)} "
                         "(a truncated or malformed row)"
                     )
                 values = []
@@ -285,12 +311,12 @@ class CSVForecasting(L.LightningDataModule):
                     if tok in _MISSING_TOKENS:
                         values.append(math.nan)
                         continue
-                    values.append(parse_number(tok, f"{self.path}, line {line}, column {col!r}"))
+                    values.append(parse_number(tok, f"{path}, line {line}, column {col!r}"))
                 rows.append(values)
-                if date_idx is not None and len(dates) < 2:
+                if date_idx is not None:
                     dates.append(row[date_idx].strip())
         if not rows:
-            raise DataError(f"{self.path}: no data rows after the header")
+            raise DataError(f"{path}: no data rows after the header")
         return torch.tensor(rows, dtype=torch.float64), used, dates
 
     def _rows_per_day(self, dates: list[str]) -> float:
@@ -330,6 +356,7 @@ class CSVForecasting(L.LightningDataModule):
         if self._datasets is not None:
             return
         values, used, dates = self._read()
+        self.dates = dates
         values = fill_missing(values, self.missing, self.path, used)
         n_train, n_val, n_test = self._split_rows(len(values), dates)
         L_ = self.input_len
@@ -390,6 +417,47 @@ class CSVForecasting(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The windows that `predict` forecasts from (`predict_origins`), batched as ``(x,)``."""
+        x = self.predict_origins().x
+        return DataLoader(TensorDataset(x), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def predict_origins(self) -> ForecastOrigins:
+        """What ``predict`` forecasts: with ``predict_path``, the window of its last ``input_len`` rows; else every
+        test window (as `test` reads them), with the actual values of its horizon."""
+        self.setup()
+        feat = [self._used.index(c) for c in self.feature_columns]
+        if self.predict_path is not None:
+            values, used, dates = self._read(self.predict_path)
+            if len(values) < self.input_len:
+                raise DataError(
+                    f"{self.predict_path}: {len(values)} data row(s), a forecast reads the last input_len="
+                    f"{self.input_len}"
+                )
+            last = len(values) - 1
+            values = fill_missing(values, self.missing, self.predict_path, used)[-self.input_len :]
+            x = ((values - self.mean.double()) / self.std.double()).float()[:, feat]
+            return ForecastOrigins(x=x.unsqueeze(0), rows=[last], dates=[dates[-1]] if dates else None, truth=None)
+        lo = self.borders["test"][0]
+        ds = self.dataset("test")
+        tgt = [self._used.index(c) for c in self.target]
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        rows = [lo + i + self.input_len - 1 for i in range(len(ds))]  # the last input row of each window
+        truth = torch.stack([ds[i][1] for i in range(len(ds))]) * self.std[tgt] + self.mean[tgt]
+        return ForecastOrigins(x=x, rows=rows, dates=[self.dates[r] for r in rows] if self.dates else None, truth=truth)
+
+
+@dataclass
+class ForecastOrigins:
+    """The windows that ``predict`` forecasts from: ``x`` (N, input_len, C) scaled as in training; for each, the
+    0-based data row of its last input row (the forecast origin) and that row's date (``None`` without a date
+    column); ``truth`` (N, horizon, n_targets) on the original scale, ``None`` where unknown."""
+
+    x: Tensor
+    rows: list[int]
+    dates: list[str] | None
+    truth: Tensor | None
 
 
 def naive_last_value_metrics(datamodule: CSVForecasting, split: str = "test") -> dict[str, float]:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_counts
 from .download import DataError, ensure_file
+from .root import resolve_data_path
 
 # sha256 of the decompressed idx files: the gzip wrappers differ between mirrors, the content does not (md5 of the
 # content: 6bbc9ace898e44ae57da46a324031adb, a25bea736e30d166cdddb491f175f624, 2646ac647ad5339dbf082846283269ea,
@@ -100,7 +101,8 @@ class PixelSequences(Dataset):
 class SequentialMNIST(L.LightningDataModule):
     """MNIST as 784-step sequences of one pixel (row by row), or in a fixed random order (``permuted``).
 
-    The four idx files are read from ``data_dir`` (downloaded from ``base_url`` when absent) and checked: gzip
+    The four idx files are read from ``data_dir`` (a relative one under the data root: `zoo.data.root`; downloaded
+    from ``base_url`` when absent) and checked: gzip
     integrity, idx header and size, and the sha256 of their decompressed content. Split: the 10k test images are the
     test set; of the 60k training images the last ``val_size`` are the validation set (the usual 50k/10k split), or,
     with ``seed`` set, a seeded random ``val_size`` of them. The permutation of permuted MNIST is
@@ -118,7 +120,7 @@ class SequentialMNIST(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "../shared/data/mnist",
+        data_dir: str = "mnist",
         batch_size: int = 100,
         permuted: bool = False,
         permutation_seed: int = 0,
@@ -133,7 +135,7 @@ class SequentialMNIST(L.LightningDataModule):
             raise ValueError(f"val_size must be between 1 and 59999, got {val_size}")
         check_counts(f"SequentialMNIST({data_dir})", {"batch_size": batch_size}, {"num_workers": num_workers})
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
+        self.data_dir = resolve_data_path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.base_url = (base_url or self.base_url).rstrip("/")

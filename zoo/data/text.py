@@ -27,6 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .checks import check_counts
 from .download import DataError, check_file_path, ensure_file, sha256sum
+from .root import resolve_data_path
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -319,6 +320,11 @@ class LanguageModelingData(L.LightningDataModule):
         """The test windows, in order."""
         return WindowLoader(self.windows("test"), self.num_workers)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test windows, in order, through a plain DataLoader (``predict`` wraps its sampler to track the batch
+        indices, which `WindowLoader` does not allow)."""
+        return DataLoader(self.windows("test"), batch_size=None, shuffle=False, num_workers=self.num_workers)
+
     def to_symbols(self, text: str) -> list[str]:
         """Split text into symbols: characters, or words with ``<eos>`` at each line break."""
         if self.level == "word":
@@ -381,7 +387,7 @@ class PennTreebank(LanguageModelingData):
 
     def __init__(
         self,
-        data_dir: str = "../shared/data/ptb",
+        data_dir: str = "ptb",
         level: str = "char",
         batch_size: int = 32,
         bptt: int = 100,
@@ -394,7 +400,7 @@ class PennTreebank(LanguageModelingData):
             raise ValueError(f"level must be 'char' or 'word', got {level!r}")
         super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
+        self.data_dir = resolve_data_path(data_dir)
         self.level = level
         self.base_url = (base_url or self.base_urls[level]).rstrip("/")
 
@@ -515,7 +521,7 @@ class TextFile(LanguageModelingData):
             raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
         super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
-        self.path = Path(path)
+        self.path = resolve_data_path(path)
         self.level = level
         self.split = tuple(split)
 
@@ -531,7 +537,8 @@ class TextFile(LanguageModelingData):
 class TinyShakespeare(LanguageModelingData):
     """karpathy/char-rnn's tiny-shakespeare (1,115,394 characters, 65 symbols), char level, split 90/5/5 in order.
 
-    ``input.txt`` is read from ``data_dir``, downloaded from ``base_url`` (default: the char-rnn repository) when
+    ``input.txt`` is read from ``data_dir`` (a relative one under the data root: `zoo.data.root`), downloaded from
+    ``base_url`` (default: the char-rnn repository) when
     absent, and checked against its sha256. A character of valid/test that the training split lacks is an error (the
     canonical file has none).
     """
@@ -541,7 +548,7 @@ class TinyShakespeare(LanguageModelingData):
 
     def __init__(
         self,
-        data_dir: str = "../shared/data/tinyshakespeare",
+        data_dir: str = "tinyshakespeare",
         batch_size: int = 32,
         bptt: int = 100,
         num_workers: int = 0,
@@ -551,7 +558,7 @@ class TinyShakespeare(LanguageModelingData):
     ) -> None:
         super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
+        self.data_dir = resolve_data_path(data_dir)
         self.base_url = (base_url or self.base_url).rstrip("/")
 
     def files(self) -> list[tuple[Path, str | None, str | None]]:
@@ -566,7 +573,8 @@ class TinyShakespeare(LanguageModelingData):
 class MahoneyCorpus(LanguageModelingData):
     """A Hutter-prize corpus (`Text8`, `Enwik8`): 100,000,000 bytes from mattmahoney.net, split 90M/5M/5M in order.
 
-    ``<name>.zip`` is read from ``data_dir`` or downloaded from ``base_url`` (verified against ``zip_sha256``), and its
+    ``<name>.zip`` is read from ``data_dir`` (a relative one under the data root: `zoo.data.root`) or downloaded from
+    ``base_url`` (verified against ``zip_sha256``), and its
     member is extracted once next to it (verified against ``raw_sha256``). As in the published bpc numbers, the
     vocabulary is every byte value that occurs in the whole file (text8: 27, enwik8: 205), and the streams are kept as
     bytes (100 MB, not 800 MB of longs).
@@ -591,7 +599,7 @@ class MahoneyCorpus(LanguageModelingData):
     ) -> None:
         super().__init__(batch_size, bptt, num_workers, eval_batch_size, eval_bptt)
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir or f"data/{self.name}")
+        self.data_dir = resolve_data_path(data_dir or self.name)
         self.base_url = (base_url or self.base_url).rstrip("/")
         self.zip_sha256 = zip_sha256 or self.zip_sha256
         self.raw_sha256 = raw_sha256 or self.raw_sha256

@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .checks import check_counts, parse_number
 from .download import DataError, check_file_path, download, verify
+from .root import resolve_data_path
 
 UCR_URL = "https://www.timeseriesclassification.com/aeon-toolkit/{name}.zip"
 
-# sha256 of the canonical archive files (the table in ../shared/data/README.md).
+# sha256 of the canonical archive files (the canonical archive files).
 KNOWN_SHA256: dict[str, str] = {
     "ArrowHead_TEST.ts": "5417dab42626d41df5e435bb22458c2df40dfad4bcd3b59559bbe72e20e84904",
     "ArrowHead_TRAIN.ts": "a83c470aaf611a5f5284377cce27a5fc9f6292bc3d110257b0fd4905ced5ee72",
@@ -226,7 +227,8 @@ class UCRArchive(L.LightningDataModule):
     """A classification data set of the UCR/UEA archive, batched as ``(x, lengths, y)``.
 
     Args:
-        data_dir: the archive's folder, holding ``<name>/<name>_TRAIN.ts`` and ``<name>/<name>_TEST.ts``.
+        data_dir: the archive's folder (a relative one under the data root: `zoo.data.root`), holding
+            ``<name>/<name>_TRAIN.ts`` and ``<name>/<name>_TEST.ts``.
         name: the data set, e.g. ``GunPoint`` or ``BasicMotions``.
         batch_size: cases per batch.
         val_fraction: share of the canonical TRAIN split held out (stratified by class, seeded) for validation.
@@ -247,7 +249,7 @@ class UCRArchive(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "../shared/data/ucr_uea",
+        data_dir: str = "ucr_uea",
         name: str = "GunPoint",
         batch_size: int = 16,
         val_fraction: float = 0.2,
@@ -264,7 +266,7 @@ class UCRArchive(L.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         check_counts(f"UCRArchive({data_dir}, {name})", {"batch_size": batch_size}, {"num_workers": num_workers})
-        self.data_dir = Path(data_dir)
+        self.data_dir = resolve_data_path(data_dir)
         self.name = name
         self.batch_size = batch_size
         self.val_fraction = val_fraction

@@ -31,8 +31,27 @@ class Published:
 
     @property
     def training_config(self) -> dict[str, Any]:
-        """The resolved config that trained the model (as `train.py` saved it)."""
-        return self.config.get("training_config") or {}
+        """The resolved config that trained the model (as `train.py` saved it), its data paths relative to the data
+        root (`zoo.data.root`): the models published before the root existed name ``../shared/data/<sub-path>``."""
+        return _root_relative(self.config.get("training_config") or {})
+
+
+LEGACY_DATA_PREFIX = "../shared/data/"
+
+
+def _root_relative(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a data ``data_dir`` / ``path`` under `LEGACY_DATA_PREFIX` made relative to the data root."""
+    init_args = (config.get("data") or {}).get("init_args") if isinstance(config.get("data"), dict) else None
+    if not isinstance(init_args, dict):
+        return config
+    fixed = {
+        k: v.removeprefix(LEGACY_DATA_PREFIX)
+        for k, v in init_args.items()
+        if k in ("data_dir", "path") and isinstance(v, str) and v.startswith(LEGACY_DATA_PREFIX)
+    }
+    if not fixed:
+        return config
+    return {**config, "data": {**config["data"], "init_args": {**init_args, **fixed}}}
 
 
 def list_pretrained(manifest: str | Path = MANIFEST) -> list[PretrainedInfo]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -21,6 +24,8 @@ class SequenceClassifier(RecurrentModule):
     Batches are ``(x, lengths, y)``: x float (B, T, C) zero-padded, lengths long (B,), y long (B,). At the end of
     ``test`` the run directory gets ``confusion_matrix.png``, ``confusion_matrix.csv`` and ``per_class_accuracy.csv``
     (see `zoo.models.reports`); class names come from the DataModule's ``class_labels`` where it has them.
+    ``predict`` (through `zoo.cli`) writes ``predictions.csv``: the class probabilities of every sequence
+    (`write_predictions`).
 
     Args:
         variant: a `zoo.nn` variant name.
@@ -128,7 +133,44 @@ class SequenceClassifier(RecurrentModule):
         columns = ["class", "samples", "correct", "accuracy"]
         publish_table(trainer, "test/per_class_accuracy", columns, per_class, "per_class_accuracy.csv")
 
+    def on_predict_epoch_start(self) -> None:
+        self._probabilities: list[Tensor] = []
+        self._labels: list[Tensor] = []
+
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        """Predicted class ids (B,)."""
+        """Predicted class ids (B,); the class probabilities (and the labels, if the batch has them) are kept for
+        `write_predictions`."""
         x, lengths = batch[0], batch[1]
-        return self(x, lengths).argmax(-1)
+        probabilities = self(x, lengths).float().softmax(-1)
+        self._probabilities.append(probabilities.cpu())
+        if len(batch) > 2:
+            self._labels.append(batch[2].cpu())
+        return probabilities.argmax(-1)
+
+    def write_predictions(self, outputs: Tensor, datamodule: Any, directory: Path) -> list[Path]:
+        """Write ``predictions.csv`` into ``directory``: one row per predicted sequence, in order: ``index``, the
+        probability of every class (``p_<class>``), ``predicted`` (the most likely class) and, where the predict
+        batches carry labels, ``true``. Class names come from the DataModule's ``class_labels`` where it has them."""
+        probabilities = getattr(self, "_probabilities", None)
+        if not probabilities:
+            return []
+        if self._trainer is not None and self._trainer.world_size > 1:
+            rank_zero_warn("predictions.csv is written by single-process predict only (each process predicts a share)")
+            return []
+        probs = torch.cat(probabilities)
+        labels = getattr(datamodule, "class_labels", None) or []
+        if len(labels) != probs.shape[1]:
+            labels = [str(k) for k in range(probs.shape[1])]
+        truth = torch.cat(self._labels) if len(self._labels) == len(probabilities) else None
+        path = directory / "predictions.csv"
+        directory.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                ["index", *(f"p_{label}" for label in labels), "predicted", *(["true"] if truth is not None else [])]
+            )
+            for i, row in enumerate(probs.tolist()):
+                best = max(range(len(row)), key=row.__getitem__)
+                true = [labels[int(truth[i])]] if truth is not None else []
+                writer.writerow([i, *(f"{p:.6f}" for p in row), labels[best], *true])
+        return [path]

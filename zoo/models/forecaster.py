@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
@@ -31,7 +34,9 @@ class Forecaster(RecurrentModule):
     ``target_mean`` / ``target_std``. With a `CSVForecasting` DataModule whose targets are among the inputs (the
     default), the test also logs ``test/naive_mse`` and ``test/naive_mae``, those of the naive last-value forecast
     (`zoo.data.forecast.naive_last_value_metrics`), and writes ``forecast.png`` into the run directory: a few test
-    windows evenly spaced over the test split, with the history, truth and forecast of the first target.
+    windows evenly spaced over the test split, with the history, truth and forecast of the first target. ``predict``
+    (through `zoo.cli`) writes ``predictions.csv``: the forecasts on the original scale beside the actual values
+    (`write_predictions`).
 
     Args:
         variant: a `zoo.nn` variant name.
@@ -188,3 +193,40 @@ class Forecaster(RecurrentModule):
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """The forecast (B, horizon, n_targets) on the normalized scale."""
         return self(batch[0])
+
+    def write_predictions(self, outputs: Tensor, datamodule: Any, directory: Path) -> list[Path]:
+        """Write ``predictions.csv`` into ``directory`` for a `CSVForecasting` DataModule (nothing for another).
+
+        One row per forecast origin (`CSVForecasting.predict_origins`): ``origin_row`` (the 0-based data row of the
+        window's last input row), ``origin_date`` (that row's date; only with a date column), then for every target
+        ``<t>`` and horizon step ``h`` (1 = the row after the origin) ``<t>_h<h>``, the forecast on the original
+        scale, and ``<t>_h<h>_true``, the actual value (empty where unknown: forecasts from ``predict_path``).
+        """
+        if not isinstance(datamodule, CSVForecasting) or not isinstance(outputs, Tensor):
+            return []
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            rank_zero_warn("predictions.csv is written by single-process predict only (each process forecasts a share)")
+            return []
+        origins = datamodule.predict_origins()
+        pred = outputs.detach().float().cpu() * datamodule.target_std + datamodule.target_mean
+        if len(pred) > len(origins.rows):
+            raise RuntimeError(f"{len(pred)} forecasts for {len(origins.rows)} origins")
+        # fewer forecasts than origins: limit_predict_batches kept the first ones, in order
+        steps = range(1, self.horizon + 1)
+        columns = ["origin_row", *(["origin_date"] if origins.dates is not None else [])]
+        for name in datamodule.target:
+            columns += [c for h in steps for c in (f"{name}_h{h}", f"{name}_h{h}_true")]
+        path = directory / "predictions.csv"
+        directory.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for i, row in enumerate(origins.rows[: len(pred)]):
+                cells: list[object] = [row, *([origins.dates[i]] if origins.dates is not None else [])]
+                for t in range(len(datamodule.target)):
+                    for h in range(self.horizon):
+                        true = "" if origins.truth is None else f"{float(origins.truth[i, h, t]):.6g}"
+                        cells += [f"{float(pred[i, h, t]):.6g}", true]
+                writer.writerow(cells)
+        return [path]
