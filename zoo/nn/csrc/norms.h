@@ -133,6 +133,35 @@ inline void row_backward(const RowNorm<T>& n, const T* dy, const T* x, T* dx, in
   if (dx != dy) std::copy(dy, dy + F, dx);  // none, or a fixed scale folded into the forward only
 }
 
+// A training batch norm's forward for one row of F features: y = (x − mean) · rstd · fw + fb.
+template <typename T>
+inline void bn_apply_row(const T* __restrict xr, T* __restrict yr, const T* __restrict mean,
+                         const T* __restrict rstd, const T* __restrict fw, const T* __restrict fb, int64_t F) {
+  for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mean[j]) * rstd[j] * fw[j] + fb[j];
+}
+
+// A training batch norm's backward for one row of F features: its share of the two sums over the step's rows,
+// a += dy and c += dy · x̂ (x̂ = (x − mean) · rstd) ...
+template <typename T>
+inline void bn_sums_row(const T* __restrict dyr, const T* __restrict xr, const T* mean, const T* rstd, T* __restrict a,
+                        T* __restrict c, int64_t F) {
+  for (int64_t j = 0; j < F; ++j) {
+    a[j] += dyr[j];
+    c[j] += dyr[j] * (xr[j] - mean[j]) * rstd[j];
+  }
+}
+
+// ... and, from the sums a = Σ dy, b = Σ dy · x̂ over the bs rows, its dx = (dy − a/bs − x̂ · b/bs) · w · rstd (dx
+// may be dy itself).
+template <typename T>
+inline void bn_dx_row(const T* dyr, const T* __restrict xr, T* dxr, const T* a, const T* b, const T* mean,
+                      const T* rstd, const T* w, int64_t F, int64_t bs) {
+  for (int64_t j = 0; j < F; ++j) {
+    const T xh = (xr[j] - mean[j]) * rstd[j];
+    dxr[j] = (dyr[j] - a[j] / bs - xh * b[j] / bs) * (w[j] * rstd[j]);
+  }
+}
+
 // A norm's gain and shift gradients over a step's rows (per-thread partial sums), added to n.dw, n.db by `finish`.
 template <typename T>
 struct Partials {
@@ -213,13 +242,7 @@ void norm_forward(Norm& n, const T* x, T* y, int64_t bs, int64_t F, int64_t t, i
       rstd_s[j] = T(1) / std::sqrt(rstd_s[j] / bs + eps);
     }
     at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
-      const T* __restrict mu = mean_s;
-      const T* __restrict rs = rstd_s;
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict xr = x + r * F;
-        T* __restrict yr = y + r * F;
-        for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu[j]) * rs[j] * fw[j] + fb[j];
-      }
+      for (int64_t r = r0; r < r1; ++r) bn_apply_row<T>(x + r * F, y + r * F, mean_s, rstd_s, fw, fb, F);
     });
     return;
   }
@@ -281,12 +304,7 @@ void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t 
   if (bs * F > kCachedElements) {  // row-parallel: Σ dy and Σ dy·x̂, then dx
     Buffer<T> sums(2 * F);
     column_sums<T>(bs, F, 2, sums.data(), [&](int64_t r, T* __restrict p) {
-      const T* __restrict dyr = dy + r * F;
-      const T* __restrict xr = x + r * F;
-      for (int64_t j = 0; j < F; ++j) {
-        p[j] += dyr[j];
-        p[F + j] += dyr[j] * (xr[j] - mu[j]) * rs[j];
-      }
+      bn_sums_row<T>(dy + r * F, x + r * F, mu, rs, p, p + F, F);
     });
     const T* a = sums.data();
     const T* b = sums.data() + F;
@@ -295,15 +313,7 @@ void norm_backward(Norm& n, const T* dy, const T* x, T* dx, int64_t bs, int64_t 
       if (db) db[j] += a[j];
     }
     at::parallel_for(0, bs, row_grain(F), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* dyr = dy + r * F;
-        const T* __restrict xr = x + r * F;
-        T* dxr = dx + r * F;
-        for (int64_t j = 0; j < F; ++j) {
-          const T xh = (xr[j] - mu[j]) * rs[j];
-          dxr[j] = (dyr[j] - a[j] / bs - xh * b[j] / bs) * (w[j] * rs[j]);
-        }
-      }
+      for (int64_t r = r0; r < r1; ++r) bn_dx_row<T>(dy + r * F, x + r * F, dx + r * F, a, b, mu, rs, w, F, bs);
     });
     return;
   }
@@ -422,13 +432,7 @@ struct TeamNorm {
       rstd[j] = T(1) / std::sqrt(m2 / bs + eps);
     }
 #pragma omp barrier
-    const T* __restrict mu = mean;
-    const T* __restrict rs = rstd;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict xr = x + r * F;
-      T* __restrict yr = y + r * F;
-      for (int64_t j = 0; j < F; ++j) yr[j] = (xr[j] - mu[j]) * rs[j] * fw[j] + fb[j];
-    }
+    for (int64_t r = r0; r < r1; ++r) bn_apply_row<T>(x + r * F, y + r * F, mean, rstd, fw, fb, F);
   }
 
   // dx = the gradient of x given that of the unscaled output dy (dx may be dy), rows [r0, r1) of member k; the gain
@@ -441,14 +445,7 @@ struct TeamNorm {
     T* __restrict pa = part.data() + k * 2 * F;
     T* __restrict pc = pa + F;
     std::fill(pa, pa + 2 * F, T(0));
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict dyr = dy + r * F;
-      const T* __restrict xr = x + r * F;
-      for (int64_t j = 0; j < F; ++j) {
-        pa[j] += dyr[j];
-        pc[j] += dyr[j] * (xr[j] - mean[j]) * rstd[j];
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) bn_sums_row<T>(dy + r * F, x + r * F, mean, rstd, pa, pc, F);
 #pragma omp barrier
     const auto [j0, j1] = share(F, nth, k);
     T* dw = mptr_or_null<T>(n.dw);
@@ -464,15 +461,7 @@ struct TeamNorm {
 #pragma omp barrier
     const T* __restrict a = sums.data();
     const T* __restrict b = sums.data() + F;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* dyr = dy + r * F;
-      const T* __restrict xr = x + r * F;
-      T* dxr = dx + r * F;
-      for (int64_t j = 0; j < F; ++j) {
-        const T xh = (xr[j] - mean[j]) * rstd[j];
-        dxr[j] = (dyr[j] - a[j] / bs - xh * b[j] / bs) * (w[j] * rstd[j]);
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) bn_dx_row<T>(dy + r * F, x + r * F, dx + r * F, a, b, mean, rstd, w, F, bs);
   }
 };
 
