@@ -1,13 +1,21 @@
 """Shared fixtures: a fixed seed for every test, each `zoo.nn` variant, one thread for the `zoo.nn` tests, and the
 device of the fused-path tests (``pytest tests/test_nn_fused.py --device cuda`` checks the fused path against the
-step-by-step engine on a GPU; the default is the CPU)."""
+step-by-step engine on a GPU; the default is the CPU). Where Triton is installed and there is no CUDA device, the
+session sets ``TRITON_INTERPRET=1`` before any Triton kernel is defined, so that the ``triton`` backend's kernels run
+on CPU tensors under Triton's interpreter (the tests that compare every backend include it then)."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import pytest
 import torch
 
-import zoo.nn
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import zoo.nn  # noqa: E402
 
 VARIANTS = [v.name for v in zoo.nn.list_variants()]
 

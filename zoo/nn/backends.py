@@ -62,14 +62,18 @@ def choose(requested: str, variant: str, backends: tuple[str, ...], device: torc
         if reason:
             raise ValueError(f"backend {requested!r} cannot run variant {variant!r} here: {reason}")
         return requested
+    notes = []
     for backend in backends:
         if backend == "triton" and device.type == "cpu":
             continue  # (its interpreter on a CPU: only when named)
         reason = unusable(backend, device)
         if reason is None:
+            if backend != "triton":  # (triton is the fastest on a GPU: nothing slower runs)
+                for note in notes:
+                    _ext.say_once(note)
             return backend
         if reason != DISABLED:  # (a user who set ZOO_NO_EXT knows)
-            _ext.say_once(f"{variant} on {device.type}: {reason}; a slower backend runs")
+            notes.append(f"{variant} on {device.type}: {reason}; a slower backend runs")
     raise AssertionError(f"no backend of {backends} runs")  # (reference always does)
 
 

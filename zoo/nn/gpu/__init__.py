@@ -31,9 +31,14 @@ def interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def installed() -> bool:
+    """Whether Triton can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def unusable(device: torch.device) -> str | None:
     """Why the ``triton`` backend cannot run on ``device`` here, or None if it can."""
-    if importlib.util.find_spec("triton") is None:
+    if not installed():
         return f"Triton is not installed (`{INSTALL}`)"
     if device.type == "cuda":
         return None
