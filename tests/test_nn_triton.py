@@ -283,3 +283,43 @@ def test_on_a_cpu_triton_needs_the_interpreter(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"here: Triton is not installed \(`pip install 'zoo\[triton\]'`\)"):
         zoo.nn.RNN("ln_gru", IN, H, backend="triton")
     assert gpu.unusable(torch.device("mps")) is not None
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [(torch.float16, 3e-2), (torch.bfloat16, 0.25)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("variant", ["ln_lstm", "bn_lstm", "rms_gru", "bn_indrnn"])
+def test_under_autocast_the_gemms_run_in_half_precision_the_rest_in_float32(
+    variant: str, dtype: torch.dtype, bound: float, monkeypatch, device: torch.device
+) -> None:
+    """Mixed precision: the recurrent GEMMs take and give autocast's dtype, the outputs and final states are float32,
+    and every result is within ``bound`` of the float32 reference relative to its norm (the half-precision rounding
+    of W_h, h and the input term: about 8x smaller in float16 than in bfloat16, as their mantissas are; the bound in
+    bfloat16 is loose, up to 15% seen in a layer norm's gain gradient). 16 sequences: the batch statistics of a few
+    rows amplify any rounding (two rows: the batch norm's gradient is all cancellation)."""
+    seen = []
+    original = recurrence.gemm
+
+    def gemm(a, b, out, add=False):
+        seen.append({a.dtype, b.dtype, out.dtype})
+        return original(a, b, out, add)
+
+    monkeypatch.setattr(recurrence, "gemm", gemm)
+    hidden, batch, lengths = 8, 16, torch.tensor([5, 4, 3, 5] * 4)
+    ref = zoo.nn.RNN(variant, IN, hidden, num_layers=2, bidirectional=True, backend="reference").to(device)
+    tri = copy.deepcopy(ref)
+    tri.backend = "triton"
+    x = torch.randn(T, batch, IN).to(device)
+    proj = torch.randn(T, batch, 2 * hidden).to(device)
+    results = []
+    for rnn, amp in ((ref, False), (tri, True)):
+        xr = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            out, final = rnn(xr, lengths=lengths)
+            final = list(final) if isinstance(final, tuple) else [final]
+            loss = (out.float() * proj).sum() + sum(f.float().sum() for f in final)
+        assert out.dtype == torch.float32 and all(f.dtype == torch.float32 for f in final)
+        grads = torch.autograd.grad(loss, [xr, *rnn.parameters()])
+        results.append([out, *final, *grads])
+    assert all(s == {dtype} for s in seen) and (len(seen) > 0) == (variant != "bn_indrnn")
+    for i, (got, expected) in enumerate(zip(*results, strict=True)):
+        assert got.dtype == expected.dtype
+        assert (got - expected).norm() <= bound * expected.norm() + 1e-6, i

@@ -38,19 +38,20 @@ def _gate(x, gates, k: tl.constexpr):
 
 @triton.jit
 def lstm_forward(
-    z_ptr, u_ptr, cp_ptr, h_ptr, c_ptr, s_ptr, tc_ptr,
+    z_ptr, u_ptr, cp_ptr, h_ptr, c_ptr, s_ptr, tc_ptr, hl_ptr,
     wh_ptr, bh_ptr, wc_ptr, bc_ptr,
     mh_ptr, rh_ptr, mc_ptr, rc_ptr,
     rmh_ptr, rvh_ptr, rmc_ptr, rvc_ptr,
     bs, H, eps_h, eps_c, momentum, update,
     KH: tl.constexpr, KC: tl.constexpr, HAS_BH: tl.constexpr, HAS_BC: tl.constexpr, SAVE: tl.constexpr,
-    ACC: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
+    LOWP: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
     """One LSTM step on its ``bs`` rows: gates u + N_h(z), c = σ(f) c_prev + σ(i) tanh(g), h = σ(o) tanh(N_c(c)).
 
     ``z`` = W_h h_prev ``(bs, 4H)``; writes ``h``, ``c`` and (``SAVE``) the activated gates ``s`` and tanh(N_c(c)) in
     ``tc``; the statistics of the norms at ``mh``/``rh`` and ``mc``/``rc`` (LN, RMS: per row; BN: per feature), and
-    with ``update`` the running statistics of a batch norm (the exponential average with the unbiased variance).
+    with ``update`` the running statistics of a batch norm (the exponential average with the unbiased variance);
+    ``LOWP``: h also in ``hl`` (the low-precision copy the next step's GEMM reads, under autocast).
     """
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     js = tl.program_id(1) * BJ + tl.arange(0, BJ)
@@ -132,6 +133,8 @@ def lstm_forward(
             yc = yc + tl.load(bc_ptr + js, mask=jv, other=0.0).to(ACC)[None, :]
     tc = _tanh(yc)
     tl.store(h_ptr + off2, (o * tc).to(h_ptr.dtype.element_ty), mask=m2)
+    if LOWP:
+        tl.store(hl_ptr + off2, (o * tc).to(hl_ptr.dtype.element_ty), mask=m2)
     tl.store(c_ptr + off2, c.to(c_ptr.dtype.element_ty), mask=m2)
     if SAVE:
         tl.store(s_ptr + off3, act.to(s_ptr.dtype.element_ty), mask=m3)
@@ -140,17 +143,18 @@ def lstm_forward(
 
 @triton.jit
 def lstm_backward(
-    dhc_ptr, dout_ptr, dcc_ptr, s_ptr, tc_ptr, c_ptr, cp_ptr, z_ptr,
+    dhg_ptr, dout_ptr, dcc_ptr, s_ptr, tc_ptr, c_ptr, cp_ptr, z_ptr,
     wh_ptr, wc_ptr, mh_ptr, rh_ptr, mc_ptr, rc_ptr,
     du_ptr, dz_ptr, dn_ptr,
     bs, H,
-    KH: tl.constexpr, KC: tl.constexpr, HAS_DOUT: tl.constexpr,
+    KH: tl.constexpr, KC: tl.constexpr, STORE_DZ: tl.constexpr,
     ACC: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
-    """The backward of `lstm_forward` for one step: from the carried gradients of h (``dhc``, plus ``dout``) and c
-    (``dcc``) writes the gradient of the gate pre-activations ``du``, that of z = W_h h_prev in ``dz`` (not for
-    ``KH`` NONE: it is ``du``), that of the normalized-and-shifted c in ``dn`` (for the gain gradients), and the
-    carried gradient of c_prev into ``dcc``. The host then computes dh_prev = dz W_h (one GEMM)."""
+    """The backward of `lstm_forward` for one step: from the gradient of h (``dhg``: the previous backward step's
+    GEMM, plus ``dout``: the output's, the final state's folded in) and the carried gradient of c (``dcc``) writes
+    the gradient of the gate pre-activations ``du``, that of z = W_h h_prev in ``dz`` (``STORE_DZ``; else ``dz`` is
+    ``du``), that of the normalized-and-shifted c in ``dn`` (for the gain gradients), and the carried gradient of
+    c_prev into ``dcc``. The host then computes dh_prev = dz W_h into ``dhg`` (one GEMM)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     js = tl.program_id(1) * BJ + tl.arange(0, BJ)
     gates = tl.arange(0, 4)
@@ -161,9 +165,7 @@ def lstm_backward(
     colm = (gates >= 0)[:, None] & jv[None, :]
     off3 = rows[:, None, None] * (4 * H) + col[None, :, :]
     off2 = rows[:, None] * H + js[None, :]
-    dh = tl.load(dhc_ptr + off2, mask=m2, other=0.0).to(ACC)
-    if HAS_DOUT:
-        dh += tl.load(dout_ptr + off2, mask=m2, other=0.0).to(ACC)
+    dh = tl.load(dhg_ptr + off2, mask=m2, other=0.0).to(ACC) + tl.load(dout_ptr + off2, mask=m2, other=0.0).to(ACC)
     act = tl.load(s_ptr + off3, mask=m3, other=0.0).to(ACC)
     i, f, g, o = _gate(act, gates, 0), _gate(act, gates, 1), _gate(act, gates, 2), _gate(act, gates, 3)
     tc = tl.load(tc_ptr + off2, mask=m2, other=0.0).to(ACC)
@@ -228,6 +230,9 @@ def lstm_backward(
             dz = dz * rstd[None, :, :]
         else:
             dz = gz
+    else:
+        dz = du
+    if STORE_DZ:
         tl.store(dz_ptr + off3, dz.to(dz_ptr.dtype.element_ty), mask=m3)
 
 
@@ -283,16 +288,17 @@ def _row_hat(x, m, stat_ptr, rstd_ptr, rows, rv, KIND: tl.constexpr):
 
 @triton.jit
 def gru_forward(
-    a_ptr, u_ptr, hp_ptr, h_ptr, rz_ptr, n_ptr,
+    a_ptr, u_ptr, hp_ptr, h_ptr, rz_ptr, n_ptr, hl_ptr,
     wrz_ptr, brz_ptr, wn_ptr, bn_ptr,
     mrz_ptr, rrz_ptr, mn_ptr, rn_ptr,
     bs, H, eps_rz, eps_n,
     KRZ: tl.constexpr, KN: tl.constexpr, HAS_BRZ: tl.constexpr, HAS_BN: tl.constexpr, SAVE: tl.constexpr,
-    ACC: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
+    LOWP: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
     """One GRU step on its ``bs`` rows (the tile spans all H units): with a = W_h h_prev ``(bs, 3H)``,
     r, z = σ(u_rz + N_rz(a_rz)), n = tanh(u_n + r ⊙ N_n(a_n)) (N_n's shift includes b_hn), h = n + z (h_prev − n).
-    Writes ``h``, the statistics, and (``SAVE``) σ(r), σ(z) in ``rz`` ``(bs, 2H)`` and n in ``n``."""
+    Writes ``h`` (``LOWP``: also its low-precision copy ``hl``), the statistics, and (``SAVE``) σ(r), σ(z) in ``rz``
+    ``(bs, 2H)`` and n in ``n``."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     js = tl.arange(0, BJ)
     rv, jv = rows < bs, js < H
@@ -318,7 +324,10 @@ def gru_forward(
     z = _sigmoid(tl.load(u_ptr + off3 + H, mask=m, other=0.0).to(ACC) + yz)
     n = _tanh(tl.load(u_ptr + off3 + 2 * H, mask=m, other=0.0).to(ACC) + r * yn)
     hp = tl.load(hp_ptr + off2, mask=m, other=0.0).to(ACC)
-    tl.store(h_ptr + off2, (n + z * (hp - n)).to(h_ptr.dtype.element_ty), mask=m)
+    h = n + z * (hp - n)
+    tl.store(h_ptr + off2, h.to(h_ptr.dtype.element_ty), mask=m)
+    if LOWP:
+        tl.store(hl_ptr + off2, h.to(hl_ptr.dtype.element_ty), mask=m)
     if SAVE:
         offrz = rows[:, None] * (2 * H) + js[None, :]
         tl.store(rz_ptr + offrz, r.to(rz_ptr.dtype.element_ty), mask=m)
@@ -328,16 +337,17 @@ def gru_forward(
 
 @triton.jit
 def gru_backward(
-    dhc_ptr, dout_ptr, hp_ptr, rz_ptr, n_ptr, a_ptr,
+    dhc_ptr, dhg_ptr, dout_ptr, hp_ptr, rz_ptr, n_ptr, a_ptr,
     wrz_ptr, wn_ptr, bn_ptr, mrz_ptr, rrz_ptr, mn_ptr, rn_ptr,
     du_ptr, da_ptr, dyn_ptr,
     bs, H,
-    KRZ: tl.constexpr, KN: tl.constexpr, HAS_BN: tl.constexpr, HAS_DOUT: tl.constexpr,
+    KRZ: tl.constexpr, KN: tl.constexpr, HAS_BN: tl.constexpr,
     ACC: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
 ):  # fmt: skip
-    """The backward of `gru_forward` for one step: writes the gradient of u ``du`` ``(bs, 3H)``, that of
-    a = W_h h_prev in ``da``, that of N_n(a_n) (after its gain) ``dyn`` (for the gain and b_hn gradients) and the
-    direct part z ⊙ dh of the carried gradient of h_prev into ``dhc``; the host adds da W_h to it (one GEMM)."""
+    """The backward of `gru_forward` for one step: the gradient of h is ``dhc`` (the direct part z ⊙ dh of the step
+    after) + ``dhg`` (its GEMM part) + ``dout`` (the output's, the final state's folded in). Writes the gradient of u
+    ``du`` ``(bs, 3H)``, that of a = W_h h_prev in ``da``, that of N_n(a_n) (after its gain) ``dyn`` (for the gain
+    and b_hn gradients) and z ⊙ dh into ``dhc``; the host then computes da W_h into ``dhg`` (one GEMM)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     js = tl.arange(0, BJ)
     rv, jv = rows < bs, js < H
@@ -345,9 +355,8 @@ def gru_backward(
     off3 = rows[:, None] * (3 * H) + js[None, :]
     off2 = rows[:, None] * H + js[None, :]
     offrz = rows[:, None] * (2 * H) + js[None, :]
-    dh = tl.load(dhc_ptr + off2, mask=m, other=0.0).to(ACC)
-    if HAS_DOUT:
-        dh += tl.load(dout_ptr + off2, mask=m, other=0.0).to(ACC)
+    dh = tl.load(dhc_ptr + off2, mask=m, other=0.0).to(ACC) + tl.load(dhg_ptr + off2, mask=m, other=0.0).to(ACC)
+    dh += tl.load(dout_ptr + off2, mask=m, other=0.0).to(ACC)
     r = tl.load(rz_ptr + offrz, mask=m, other=0.0).to(ACC)
     z = tl.load(rz_ptr + offrz + H, mask=m, other=0.0).to(ACC)
     n = tl.load(n_ptr + off2, mask=m, other=0.0).to(ACC)
