@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -323,3 +326,17 @@ def test_under_autocast_the_gemms_run_in_half_precision_the_rest_in_float32(
     for i, (got, expected) in enumerate(zip(*results, strict=True)):
         assert got.dtype == expected.dtype
         assert (got - expected).norm() <= bound * expected.norm() + 1e-6, i
+
+
+def test_the_kernels_compile_for_an_h100_without_spilling() -> None:
+    """What the interpreter cannot check: Triton's compiler builds every kernel for sm_90 at the tiles the host picks
+    (`zoo.nn.gpu.compile --quick`, in a process without ``TRITON_INTERPRET``), with no registers spilled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run(
+        [sys.executable, "-m", "zoo.nn.gpu.compile", "--quick"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 19 and all(" REG:" in line for line in lines), run.stdout
+    assert all(line.endswith("STACK:0") for line in lines), run.stdout

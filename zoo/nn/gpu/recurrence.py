@@ -20,9 +20,19 @@ TILE = 4096  # elements per program, about (rows x gates x units), where the nor
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
-    """Launch a Triton kernel, counted."""
+    """Launch a Triton kernel, counted; its warps from its tile (`warps`) unless ``meta`` names them."""
     LAUNCHES["kernel"] += 1
+    meta.setdefault("num_warps", warps(meta["BR"] * meta["BJ"] * GATES.get(kernel.__name__, 1)))
     kernel[grid](*args, **meta)
+
+
+GATES = {"lstm_forward": 4, "lstm_backward": 4, "gru_forward": 3, "gru_backward": 3}
+
+
+def warps(elements: int) -> int:
+    """Warps for a tile of ``elements``: 8 for the 4096 of `TILE` (4 spilled registers in the batch-norm LSTM
+    kernels, compiled for sm_90), fewer for smaller tiles."""
+    return min(8, _pow2(max(1, elements // 512)))
 
 
 def gemm(a: Tensor, b: Tensor, out: Tensor, add: bool = False) -> None:
