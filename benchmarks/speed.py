@@ -9,6 +9,7 @@ of a fresh process), and the first call (warm-up) time: building the layer and i
     python benchmarks/speed.py                         # all variants, all shapes, CPU
     python benchmarks/speed.py --variants ln_lstm bn_lstm --shapes 32,100,64,256 --repeats 5
     python benchmarks/speed.py --device cuda --json speed-cuda.json
+    python benchmarks/speed.py --device cuda --backend python --autocast bf16   # another backend; mixed precision
 
 On glibc the script re-executes itself with `GLIBC_TUNABLES` raising malloc's mmap and trim thresholds, as `train.py`
 does (`zoo.runtime.tune_malloc`), because the default settings return large buffers to the system after every step
@@ -38,6 +39,8 @@ from zoo.runtime import tune_malloc
 
 SHAPES = [(32, 100, 64, 256), (64, 200, 64, 512), (100, 784, 1, 100), (64, 100, 50, 1000)]
 PROBE_TUNABLES = "glibc.malloc.mmap_threshold=65536"  # the memory probe: every large buffer its own mapping
+BACKEND = "auto"  # `zoo.nn.RNN`'s backend (--backend)
+AUTOCAST: torch.dtype | None = None  # both layers' steps under torch.autocast in this dtype (--autocast)
 
 
 def native_for(variant: str, input_size: int, hidden: int) -> nn.Module:
@@ -51,7 +54,7 @@ def native_for(variant: str, input_size: int, hidden: int) -> nn.Module:
 
 def build(variant: str, input_size: int, hidden: int, steps: int) -> nn.Module:
     options = {"max_steps": steps} if "max_steps" in zoo.nn.get_variant(variant).options else {}
-    return zoo.nn.RNN(variant, input_size, hidden, **options)
+    return zoo.nn.RNN(variant, input_size, hidden, backend=BACKEND, **options)
 
 
 def sync(device: torch.device) -> None:
@@ -61,14 +64,15 @@ def sync(device: torch.device) -> None:
 
 def train_step(module: nn.Module, x: Tensor) -> None:
     module.zero_grad(set_to_none=True)
-    out, _ = module(x)
-    out.sum().backward()
+    with torch.autocast(x.device.type, dtype=AUTOCAST, enabled=AUTOCAST is not None):
+        out, _ = module(x)
+    out.float().sum().backward()
 
 
 def infer_step(module: nn.Module, x: Tensor) -> None:
     """Inference as a user runs it: evaluation mode (batch norms read their running statistics), no autograd."""
     module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=AUTOCAST, enabled=AUTOCAST is not None):
         module(x)
     module.train()
 
@@ -150,6 +154,7 @@ def bench(variant: str, shape: tuple[int, int, int, int], repeats: int, device: 
     mem_native = peak_memory(variant, shape, "native", device) if memory else float("nan")
     return {
         "variant": variant,
+        "backend": ours.backend,
         "shape": {"batch": batch, "length": steps, "input": input_size, "hidden": hidden},
         "train_ms": 1e3 * med["train"],
         "train_native_ms": 1e3 * med["train_native"],
@@ -177,8 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="speed.json", help="where to write the figures")
     p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--backend", default="auto", help="the variants' backend (zoo.nn.backends; default auto)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="run both layers under torch.autocast")
     p.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global BACKEND, AUTOCAST
+    BACKEND = args.backend
+    AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
     if args.memory_probe:
         _memory_probe(*args.memory_probe)
         return
@@ -195,11 +205,13 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "(glibc default)"),
         "compiled_step": zoo.nn.fused.extension_available(),  # built by `python -m zoo.nn.build`
+        "backend": args.backend,
+        "autocast": args.autocast or "off",
     }
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     header = (
-        f"{'variant':<11} {'B,T,I,H':<16} {'train ms':>9} {'native':>8} {'ratio':>6} {'infer ms':>9} {'native':>8} "
-        f"{'ratio':>6} {'tok/s':>9} {'peak MB':>8} {'mem×':>5} {'first s':>7}"
+        f"{'variant':<11} {'backend':<9} {'B,T,I,H':<16} {'train ms':>9} {'native':>8} {'ratio':>6} {'infer ms':>9} "
+        f"{'native':>8} {'ratio':>6} {'tok/s':>9} {'peak MB':>8} {'mem×':>5} {'first s':>7}"
     )
     print(header)
     rows = []
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             r = bench(variant, shape, args.repeats, device, not args.no_memory)
             rows.append(r)
             print(
-                f"{variant:<11} {shape_arg:<16} {r['train_ms']:9.1f} {r['train_native_ms']:8.1f} "
+                f"{variant:<11} {r['backend']:<9} {shape_arg:<16} {r['train_ms']:9.1f} {r['train_native_ms']:8.1f} "
                 f"{r['train_ratio']:6.2f} {r['infer_ms']:9.1f} {r['infer_native_ms']:8.1f} {r['infer_ratio']:6.2f} "
                 f"{r['train_tokens_per_s']:9.0f} {r['peak_mb']:8.1f} {r['memory_ratio']:5.2f} {r['first_call_s']:7.2f}",
                 flush=True,

@@ -13,11 +13,15 @@ for float64 tensors); the statistics are written in that type, the states and ga
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 NONE, LN, RMS, BN, AFFINE = 0, 1, 2, 3, 4
-INTERPRETED = bool(triton.knobs.runtime.interpret)  # how these kernels were defined: interpreted (CPU) or compiled
+# how these kernels were defined: interpreted (CPU) or compiled (triton.knobs from Triton 3.4; the variable before)
+_knobs = getattr(triton, "knobs", None)
+INTERPRETED = bool(_knobs.runtime.interpret) if _knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
