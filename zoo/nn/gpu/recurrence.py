@@ -30,8 +30,8 @@ GATES = {"lstm_forward": 4, "lstm_backward": 4, "gru_forward": 3, "gru_backward"
 
 
 def warps(elements: int) -> int:
-    """Warps for a tile of ``elements``: 8 for the 4096 of `TILE` (4 spilled registers in the batch-norm LSTM
-    kernels, compiled for sm_90), fewer for smaller tiles."""
+    """Warps for a tile of ``elements``: 8 for the 4096 of `TILE` (with 4, the batch-norm LSTM forward kernel
+    compiled for sm_90 spilled 56-64 bytes of stack; with 8 no kernel spills), fewer for smaller tiles."""
     return min(8, _pow2(max(1, elements // 512)))
 
 
@@ -79,14 +79,12 @@ def acc(dtype: torch.dtype):
 
 
 def precisions(u: Tensor, *others: Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """The dtype of the states, gates and statistics (that of the inputs, promoted; float32 for half inputs) and that
-    of the recurrent GEMMs: autocast's (bfloat16 or float16) where it is on and the states are float32, else the
-    same."""
+    """The dtype of the states and gates (that of the inputs, promoted; the kernels compute in float32 or float64,
+    and keep the statistics so) and that of the recurrent GEMMs: autocast's (bfloat16 or float16) where it is on and
+    the states are float32, else the same."""
     dtype = u.dtype
     for t in others:
         dtype = torch.promote_types(dtype, t.dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
     kind = u.device.type
     if dtype == torch.float32 and torch.is_autocast_enabled(kind):
         return dtype, torch.get_autocast_dtype(kind)
@@ -124,7 +122,7 @@ class _Stats:
         self.norm, self.k = norm, k
         steps, rows = len(layout.batch_sizes), layout.rows
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        shape = (steps, features) if k == K.BN else (rows,)
+        shape = (steps, features) if k == K.BN else (rows,) if k in (K.LN, K.RMS) else (1,)  # (else unused)
         self.mean = like.new_zeros(shape, dtype=dtype)
         self.rstd = like.new_zeros(shape, dtype=dtype)
         self.layout = layout
@@ -133,6 +131,8 @@ class _Stats:
         """The statistics of step ``t`` as the kernels address them."""
         if self.k == K.BN:
             return self.mean[t], self.rstd[t]
+        if self.k not in (K.LN, K.RMS):
+            return self.mean, self.rstd
         rows = self.layout.at(t)
         return self.mean[rows], self.rstd[rows]
 
