@@ -328,6 +328,33 @@ def test_under_autocast_the_gemms_run_in_half_precision_the_rest_in_float32(
         assert (got - expected).norm() <= bound * expected.norm() + 1e-6, i
 
 
+@pytest.mark.parametrize("variant", ["ln_lstm", "bn_lstm", "rms_gru", "bn_indrnn"])
+def test_a_float16_model_keeps_its_dtype(variant: str, device: torch.device) -> None:
+    """A model in float16 (no autocast): outputs, states and gradients in float16, the kernels computing in float32.
+    Against the float32 reference its largest relative error (over outputs, states, gradients) is at most twice the
+    reference engine's own in float16 (both a few percent at these sizes)."""
+    ref = zoo.nn.RNN(variant, IN, 8, num_layers=2, bidirectional=True, backend="reference").to(device)
+    half = copy.deepcopy(ref).half()
+    half_ref = copy.deepcopy(half)
+    half.backend = "triton"
+    lengths = torch.tensor([5, 4, 3, 5] * 4)
+    x = torch.randn(T, 16, IN).to(device)
+    results = []
+    for rnn in (half, half_ref, ref):
+        xr = x.to(rnn.cells[0].weight_ih.dtype).requires_grad_()
+        out, final = rnn(xr, lengths=lengths)
+        final = list(final) if isinstance(final, tuple) else [final]
+        grads = torch.autograd.grad(out.float().sum() + sum(f.float().sum() for f in final), [xr, *rnn.parameters()])
+        results.append([t.detach() for t in (out, *final, *grads)])
+    assert all(r.dtype == torch.float16 for r in results[0])
+
+    def error(got: list[torch.Tensor]) -> float:
+        pairs = zip(got, results[2], strict=True)
+        return max(float((g.float() - e).norm() / e.norm().clamp(min=1e-6)) for g, e in pairs)
+
+    assert error(results[0]) <= 2 * error(results[1]) + 1e-3
+
+
 def test_the_kernels_compile_for_an_h100_without_spilling() -> None:
     """What the interpreter cannot check: Triton's compiler builds every kernel for sm_90 at the tiles the host picks
     (`zoo.nn.gpu.compile --quick`, in a process without ``TRITON_INTERPRET``), with no registers spilled."""
