@@ -181,6 +181,21 @@ def test_triton_in_small_tiles(variant: str, options: dict, monkeypatch: pytest.
     assert recurrence.tile((kernels.BN,), batch, hidden, 4)[1] < hidden  # (the units were split)
 
 
+def test_gradcheck_of_bn_lstm(device: torch.device) -> None:
+    """`torch.autograd.gradcheck` in float64 of the intricate case, batch norms in the recurrence with statistics over
+    3, 2 and 1 valid rows, both directions (the others' gradients equal the reference's above; test_nn_gradcheck.py
+    leaves this backend out: its hundreds of calls take minutes under the interpreter)."""
+    rnn = zoo.nn.RNN("bn_lstm", 2, 2, bidirectional=True, backend="triton", max_steps=3).to(device, torch.float64)
+    x = torch.randn(3, 3, 2, dtype=torch.float64).to(device).requires_grad_()
+    lengths = torch.tensor([3, 1, 2])
+
+    def f(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out, (h, c) = rnn(x, lengths=lengths)
+        return out, h, c
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
 class _Ops(TorchDispatchMode):
     """Logs every ATen call outside the counted launches, and the launches themselves as markers."""
 
