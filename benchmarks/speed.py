@@ -9,7 +9,7 @@ of a fresh process), and the first call (warm-up) time: building the layer and i
     python benchmarks/speed.py                         # all variants, all shapes, CPU
     python benchmarks/speed.py --variants ln_lstm bn_lstm --shapes 32,100,64,256 --repeats 5
     python benchmarks/speed.py --device cuda --json speed-cuda.json
-    python benchmarks/speed.py --autocast bf16         # both layers under torch.autocast(dtype=torch.bfloat16)
+    python benchmarks/speed.py --device cuda --backend python --autocast bf16   # another backend; mixed precision
 
 On glibc the script re-executes itself with `GLIBC_TUNABLES` raising malloc's mmap and trim thresholds, as `train.py`
 does (`zoo.runtime.tune_malloc`), because the default settings return large buffers to the system after every step
@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -40,9 +39,9 @@ from zoo.runtime import tune_malloc
 
 SHAPES = [(32, 100, 64, 256), (64, 200, 64, 512), (100, 784, 1, 100), (64, 100, 50, 1000)]
 PROBE_TUNABLES = "glibc.malloc.mmap_threshold=65536"  # the memory probe: every large buffer its own mapping
+BACKEND = "auto"  # `zoo.nn.RNN`'s backend (--backend)
+AUTOCAST: torch.dtype | None = None  # both layers' steps under torch.autocast in this dtype (--autocast)
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve")  # printed when present
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_autocast: dict = {}  # torch.autocast's arguments for every timed step (--autocast), else empty
 
 
 def cpu_flags() -> str:
@@ -53,10 +52,6 @@ def cpu_flags() -> str:
     except OSError:
         return ""
     return ",".join(f for f in ISA_FLAGS if f in flags)
-
-
-def autocast():
-    return torch.autocast(**_autocast) if _autocast else nullcontext()
 
 
 def native_for(variant: str, input_size: int, hidden: int) -> nn.Module:
@@ -70,7 +65,7 @@ def native_for(variant: str, input_size: int, hidden: int) -> nn.Module:
 
 def build(variant: str, input_size: int, hidden: int, steps: int) -> nn.Module:
     options = {"max_steps": steps} if "max_steps" in zoo.nn.get_variant(variant).options else {}
-    return zoo.nn.RNN(variant, input_size, hidden, **options)
+    return zoo.nn.RNN(variant, input_size, hidden, backend=BACKEND, **options)
 
 
 def sync(device: torch.device) -> None:
@@ -80,7 +75,7 @@ def sync(device: torch.device) -> None:
 
 def train_step(module: nn.Module, x: Tensor) -> None:
     module.zero_grad(set_to_none=True)
-    with autocast():
+    with torch.autocast(x.device.type, dtype=AUTOCAST, enabled=AUTOCAST is not None):
         out, _ = module(x)
     out.float().sum().backward()
 
@@ -88,7 +83,7 @@ def train_step(module: nn.Module, x: Tensor) -> None:
 def infer_step(module: nn.Module, x: Tensor) -> None:
     """Inference as a user runs it: evaluation mode (batch norms read their running statistics), no autograd."""
     module.eval()
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=AUTOCAST, enabled=AUTOCAST is not None):
         module(x)
     module.train()
 
@@ -124,9 +119,9 @@ def peak_memory(variant: str, shape: tuple[int, int, int, int], which: str, devi
         return torch.cuda.max_memory_allocated() - base
     if not os.path.exists("/proc/self/clear_refs"):
         return float("nan")
-    cmd = [sys.executable, __file__, "--memory-probe", variant, ",".join(map(str, shape)), which]
-    if _autocast:
-        cmd += ["--autocast", next(k for k, v in AUTOCAST.items() if v == _autocast["dtype"])]
+    cmd = [sys.executable, __file__, "--memory-probe", variant, ",".join(map(str, shape)), which, "--backend", BACKEND]
+    if AUTOCAST is not None:  # (the probe measures the step the timings ran)
+        cmd += ["--autocast", {torch.bfloat16: "bf16", torch.float16: "fp16"}[AUTOCAST]]
     env = {**os.environ, "GLIBC_TUNABLES": PROBE_TUNABLES} if platform.libc_ver()[0] == "glibc" else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
@@ -172,6 +167,7 @@ def bench(variant: str, shape: tuple[int, int, int, int], repeats: int, device: 
     mem_native = peak_memory(variant, shape, "native", device) if memory else float("nan")
     return {
         "variant": variant,
+        "backend": ours.backend,
         "shape": {"batch": batch, "length": steps, "input": input_size, "hidden": hidden},
         "train_ms": 1e3 * med["train"],
         "train_native_ms": 1e3 * med["train_native"],
@@ -199,12 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="speed.json", help="where to write the figures")
     p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--autocast", choices=sorted(AUTOCAST), help="run both layers under torch.autocast of this dtype")
+    p.add_argument("--backend", default="auto", help="the variants' backend (zoo.nn.backends; default auto)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="run both layers under torch.autocast")
     p.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if args.autocast:
-        _autocast.update(device_type=device.type, dtype=AUTOCAST[args.autocast])
+    global BACKEND, AUTOCAST
+    BACKEND = args.backend
+    AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
     if args.memory_probe:
         _memory_probe(*args.memory_probe)
         return
@@ -213,20 +210,22 @@ def main(argv: list[str] | None = None) -> None:
         tune_malloc()  # as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     env = {
         "zoo": zoo.__version__,
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_flags": cpu_flags(),
         "threads": torch.get_num_threads(),
-        "autocast": args.autocast or "off",
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "(glibc default)"),
         "compiled_step": zoo.nn.fused.extension_available(),  # built by `python -m zoo.nn.build`
+        "backend": args.backend,
+        "autocast": args.autocast or "off",
     }
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     header = (
-        f"{'variant':<11} {'B,T,I,H':<16} {'train ms':>9} {'native':>8} {'ratio':>6} {'infer ms':>9} {'native':>8} "
-        f"{'ratio':>6} {'tok/s':>9} {'peak MB':>8} {'mem×':>5} {'first s':>7}"
+        f"{'variant':<11} {'backend':<9} {'B,T,I,H':<16} {'train ms':>9} {'native':>8} {'ratio':>6} {'infer ms':>9} "
+        f"{'native':>8} {'ratio':>6} {'tok/s':>9} {'peak MB':>8} {'mem×':>5} {'first s':>7}"
     )
     print(header)
     rows = []
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             r = bench(variant, shape, args.repeats, device, not args.no_memory)
             rows.append(r)
             print(
-                f"{variant:<11} {shape_arg:<16} {r['train_ms']:9.1f} {r['train_native_ms']:8.1f} "
+                f"{variant:<11} {r['backend']:<9} {shape_arg:<16} {r['train_ms']:9.1f} {r['train_native_ms']:8.1f} "
                 f"{r['train_ratio']:6.2f} {r['infer_ms']:9.1f} {r['infer_native_ms']:8.1f} {r['infer_ratio']:6.2f} "
                 f"{r['train_tokens_per_s']:9.0f} {r['peak_mb']:8.1f} {r['memory_ratio']:5.2f} {r['first_call_s']:7.2f}",
                 flush=True,

@@ -2,18 +2,25 @@
 device of the fused-path tests (``pytest tests/test_nn_fused.py --device cuda`` checks the fused path against the
 step-by-step engine on a GPU; the default is the CPU), and the data root of the tests that read real data sets
 (``ZOO_DATA``: the project's neighbour ``../shared/data`` where it exists and ``ZOO_DATA`` is unset; see
-tests/needs_data.py): a test that skips for missing data fails instead under ``CI`` or ``--require-data``."""
+tests/needs_data.py): a test that skips for missing data fails instead under ``CI`` or ``--require-data``. Where
+Triton is installed and there is no CUDA device, the session sets ``TRITON_INTERPRET=1`` before any Triton kernel is
+defined, so that the ``triton`` backend's kernels run on CPU tensors under Triton's interpreter (the tests that compare
+every backend include it then)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-import zoo.nn
-from zoo.data.root import ENV
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import zoo.nn  # noqa: E402
+from zoo.data.root import ENV  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not os.environ.get(ENV) and SHARED_DATA.is_dir():  # before any test module reads the root

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import zoo.nn
-from zoo.nn import _ext, backends
+from zoo.nn import _ext, backends, gpu
 from zoo.nn import fused as fused_module
 
 B, T, IN, H = 4, 5, 3, 4
@@ -71,7 +71,8 @@ def test_auto_takes_the_fastest_backend_the_variant_has_here() -> None:
     compiled = backends.unusable("compiled", torch.device("cpu")) is None
     for v in zoo.nn.list_variants():
         rnn = zoo.nn.RNN(v.name, IN, H)
-        assert rnn.backend == v.cell.backends[0 if compiled or v.cell.backends[0] != "compiled" else 1], v.name
+        here = [b for b in v.cell.backends if b != "triton" and (compiled or b != "compiled")]  # (triton: CUDA)
+        assert rnn.backend == here[0], v.name
         assert f"backend={rnn.backend!r}" in repr(rnn)
     assert zoo.nn.RNN("lstm", IN, H).backend == "native"
     assert zoo.nn.RNN("ln_lstm", IN, H, fused=False).backend == "reference"  # the alias
@@ -97,16 +98,18 @@ def test_a_backend_that_cannot_run_the_variant_is_an_error_at_construction(monke
 
 
 def test_on_another_device_auto_chooses_again_and_says_so_once(monkeypatch, caplog) -> None:
-    """A GPU cannot run the compiled loops: auto takes the Python loop there and logs it once; asking for them is an
-    error. (`choose` only reads the device's type, so no GPU is needed here.)"""
+    """A GPU cannot run the compiled loops: without Triton, auto takes the Python loop there and logs it once; asking
+    for them is an error. (`choose` only reads the device's type, so no GPU is needed here.)"""
     monkeypatch.setattr(_ext, "_said", set())
+    monkeypatch.setattr(gpu, "installed", lambda: False)
     cuda = torch.device("cuda")
     cell = zoo.nn.get_variant("rms_gru").cell
     with caplog.at_level(logging.WARNING, logger="zoo.nn"):
         assert backends.choose("auto", "rms_gru", cell.backends, cuda) == "python"
         assert backends.choose("auto", "rms_gru", cell.backends, cuda) == "python"
     assert [r.message for r in caplog.records] == [
-        "rms_gru on cuda: the compiled loops run on the CPU only, not on cuda; a slower backend runs"
+        "rms_gru on cuda: the compiled loops run on the CPU only, not on cuda; a slower backend runs",
+        "rms_gru on cuda: Triton is not installed (`pip install 'zoo[triton]'`); a slower backend runs",
     ]
     with pytest.raises(ValueError, match="here: the compiled loops run on the CPU only, not on cuda"):
         backends.choose("compiled", "rms_gru", cell.backends, cuda)

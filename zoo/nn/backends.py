@@ -6,6 +6,9 @@
   in the C++ extension (`zoo.nn._ext`, built by ``python -m zoo.nn.build``); CPU, float32 and float64.
 - ``python``: the same fused recurrence with its loop over steps in Python, one vendor kernel per norm and step; any
   device.
+- ``triton``: the same fused recurrence with each step's work after the recurrent GEMM in one Triton kernel
+  (`zoo.nn.gpu`), for CUDA; on CPU tensors it runs under Triton's interpreter when ``TRITON_INTERPRET=1`` is set and the
+  backend is named (``auto`` never takes it on a CPU). Needs the ``triton`` extra.
 - ``reference``: the step-by-step engine (`RecurrentCell.forward`'s loop, autograd through every step): the readable
   definition of every variant, which the tests hold every other backend equal to.
 
@@ -23,16 +26,18 @@ from contextlib import contextmanager
 
 import torch
 
-from . import _ext
+from . import _ext, gpu
 
-BACKENDS = ("native", "compiled", "python", "reference")
-FUSED = ("compiled", "python")  # the backends that run a cell's `fused_recurrence`
+BACKENDS = ("native", "compiled", "triton", "python", "reference")
+FUSED = ("compiled", "triton", "python")  # the backends that run a cell's `fused_recurrence`
 DISABLED = "ZOO_NO_EXT is set"
 _compiled = contextvars.ContextVar("zoo_nn_compiled", default=True)
 
 
 def unusable(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` here, or None if it can."""
+    if backend == "triton":
+        return gpu.unusable(device)
     if backend != "compiled":
         return None
     if device.type != "cpu":
@@ -57,12 +62,18 @@ def choose(requested: str, variant: str, backends: tuple[str, ...], device: torc
         if reason:
             raise ValueError(f"backend {requested!r} cannot run variant {variant!r} here: {reason}")
         return requested
+    notes = []
     for backend in backends:
+        if backend == "triton" and device.type == "cpu":
+            continue  # (its interpreter on a CPU: only when named)
         reason = unusable(backend, device)
         if reason is None:
+            if backend != "triton":  # (triton is the fastest on a GPU: nothing slower runs)
+                for note in notes:
+                    _ext.say_once(note)
             return backend
         if reason != DISABLED:  # (a user who set ZOO_NO_EXT knows)
-            _ext.say_once(f"{variant} on {device.type}: {reason}; a slower backend runs")
+            notes.append(f"{variant} on {device.type}: {reason}; a slower backend runs")
     raise AssertionError(f"no backend of {backends} runs")  # (reference always does)
 
 

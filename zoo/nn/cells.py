@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from . import gpu
 from ._ext import say_once
 from .backends import FUSED, compiled
 from .fused import FusedGRU, FusedIndRNN, FusedLSTM, StepNorm, candidate_scale, linear, normalize_input, run_packed
@@ -193,7 +194,7 @@ class _NormalizedLSTMCell(LSTMCell):
     norms: tuple[str | None, str | None, str | None] = (None, None, None)
 
     native = None
-    backends = ("compiled", "python", "reference")
+    backends = ("compiled", "triton", "python", "reference")
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, forget_bias: float = 1.0) -> None:
         super().__init__(input_size, hidden_size, bias=False)
@@ -236,6 +237,8 @@ class _NormalizedLSTMCell(LSTMCell):
 
     def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
         """The recurrence with a hand-written backward (`zoo.nn.fused.FusedLSTM`), on packed rows."""
+        if self.backend == "triton":
+            return gpu.lstm_recurrence(self, u, state, layout)
         mh, mc = self.norm_at(1), self.norm_at(2)
         nh = StepNorm(mh, scale=candidate_scale(self.hidden_size, u))
         nc = StepNorm(mc, scale=u.new_full((self.hidden_size,), 2.0))
@@ -477,7 +480,7 @@ class LNGRUCell(GRUCell):
     """
 
     native = None
-    backends = ("compiled", "python", "reference")
+    backends = ("compiled", "triton", "python", "reference")
     norm_layer = nn.LayerNorm
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5) -> None:
@@ -512,6 +515,8 @@ class LNGRUCell(GRUCell):
 
     def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
         """The recurrence with a hand-written backward (`zoo.nn.fused.FusedGRU`), on packed rows."""
+        if self.backend == "triton":
+            return gpu.gru_recurrence(self, u, state, layout)
         b_hn = None if self.bias_hh is None else self.bias_hh[2 * self.hidden_size :]  # (the r, z part is in u)
         n_rz, n_n = StepNorm(self.ln_hh_rz), StepNorm(self.ln_hh_n, shift=b_hn)
         grad = torch.is_grad_enabled()
@@ -547,7 +552,7 @@ class BNIndRNNCell(RecurrentCell):
     ``sync_bn``: synchronize the statistics over data-parallel processes (`MaskedBatchNorm`'s ``sync``).
     """
 
-    backends = ("compiled", "python", "reference")  # (compiled: its input term's norm; the recurrence is elementwise)
+    backends = ("compiled", "triton", "python", "reference")  # (compiled: the input term's norm)
 
     def __init__(
         self,
@@ -604,6 +609,8 @@ class BNIndRNNCell(RecurrentCell):
 
     def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
         """The recurrence with a hand-written backward (`zoo.nn.fused.FusedIndRNN`), on packed rows."""
+        if self.backend == "triton":
+            return gpu.indrnn_recurrence(self, u, state, layout)
         out, h = FusedIndRNN.apply(u, state[0], self.weight_hh, layout)
         return out, (h,)
 
