@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..fused import Layout, StepNorm, _grads, recording
+from ..fused import Layout, StepNorm
+from ..fused.common import _grads, recording
 from ..norm import MIN_ROWS, MaskedBatchNorm
 from . import LAUNCHES
 from . import kernels as K
