@@ -93,8 +93,9 @@ def _run(rnn: zoo.nn.RNN, x, state, proj, lengths, dtype=None) -> list[torch.Ten
     return [out, *final, *grads, *(b.clone() for b in rnn.buffers())]
 
 
-@pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    ("training", "lengths"), [(True, True), (True, False), (False, True)], ids=["train-lengths", "train-full", "eval"]
+)
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)
 def test_triton_equals_the_reference_in_float64(
     variant: str, options: dict, training: bool, lengths: bool, device: torch.device
@@ -135,7 +136,9 @@ def test_triton_in_float32_stays_at_float32_precision(
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)
+@pytest.mark.parametrize(
+    ("variant", "options"), [CASES[i] for i in (0, 2, 5, 7, 8)], ids=[IDS[i] for i in (0, 2, 5, 7, 8)]
+)
 def test_triton_without_gradients_equals_the_reference(
     variant: str, options: dict, training: bool, device: torch.device
 ) -> None:
