@@ -25,6 +25,16 @@ INTERPRETED = bool(_knobs.runtime.interpret) if _knobs is not None else os.envir
 
 
 @triton.jit
+def _move_running(rm_ptr, rv_ptr, off, mask, mean, var, bs, momentum, ACC: tl.constexpr):
+    """A training batch norm's running statistics at ``off``: the exponential average of the step's mean and its
+    unbiased variance (as torch.native_batch_norm), stored in the buffers' dtype."""
+    rm = tl.load(rm_ptr + off, mask=mask, other=0.0).to(ACC)
+    rv = tl.load(rv_ptr + off, mask=mask, other=0.0).to(ACC)
+    tl.store(rm_ptr + off, (rm + momentum * (mean - rm)).to(rm_ptr.dtype.element_ty), mask=mask)
+    tl.store(rv_ptr + off, (rv + momentum * (var * bs / (bs - 1) - rv)).to(rv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
@@ -86,11 +96,7 @@ def lstm_forward(
         tl.store(mh_ptr + col, mean, mask=colm)
         tl.store(rh_ptr + col, rstd, mask=colm)
         if update != 0:
-            rm = tl.load(rmh_ptr + col, mask=colm, other=0.0).to(ACC)
-            rvar = tl.load(rvh_ptr + col, mask=colm, other=0.0).to(ACC)
-            tl.store(rmh_ptr + col, (rm + momentum * (mean - rm)).to(rmh_ptr.dtype.element_ty), mask=colm)
-            unbiased = var * bs / (bs - 1)
-            tl.store(rvh_ptr + col, (rvar + momentum * (unbiased - rvar)).to(rvh_ptr.dtype.element_ty), mask=colm)
+            _move_running(rmh_ptr, rvh_ptr, col, colm, mean, var, bs, momentum, ACC)
         y = d * rstd[None, :, :]
     else:
         y = z
@@ -123,11 +129,7 @@ def lstm_forward(
         tl.store(mc_ptr + js, mean_c, mask=jv)
         tl.store(rc_ptr + js, rstd_c, mask=jv)
         if update != 0:
-            rm_c = tl.load(rmc_ptr + js, mask=jv, other=0.0).to(ACC)
-            rv_c = tl.load(rvc_ptr + js, mask=jv, other=0.0).to(ACC)
-            tl.store(rmc_ptr + js, (rm_c + momentum * (mean_c - rm_c)).to(rmc_ptr.dtype.element_ty), mask=jv)
-            unbiased_c = var_c * bs / (bs - 1)
-            tl.store(rvc_ptr + js, (rv_c + momentum * (unbiased_c - rv_c)).to(rvc_ptr.dtype.element_ty), mask=jv)
+            _move_running(rmc_ptr, rvc_ptr, js, jv, mean_c, var_c, bs, momentum, ACC)
         yc = dc * rstd_c[None, :]
     else:
         yc = c
