@@ -112,15 +112,7 @@ def lstm_forward(
     c = tl.where(m2, f * cp + i * g, 0.0)
     # ---- N_c(c)
     if KC == 1 or KC == 2:
-        if KC == 1:
-            mean_c = tl.sum(c, axis=1) / H
-            dc = tl.where(m2, c - mean_c[:, None], 0.0)
-            tl.store(mc_ptr + rows, mean_c, mask=rv)
-        else:
-            dc = c
-        rstd_c = 1.0 / tl.sqrt(tl.sum(dc * dc, axis=1) / H + eps_c)
-        tl.store(rc_ptr + rows, rstd_c, mask=rv)
-        yc = dc * rstd_c[:, None]
+        yc = _row_norm(c, m2, H, eps_c, mc_ptr, rc_ptr, rows, rv, KC)
     elif KC == 3:
         mean_c = tl.sum(c, axis=0) / bs
         dc = tl.where(m2, c - mean_c[None, :], 0.0)
