@@ -51,6 +51,23 @@ def _gate(x, gates, k: tl.constexpr):
 
 
 @triton.jit
+def _lstm_tile(bs, H, BR: tl.constexpr, BJ: tl.constexpr):
+    """The tile of an LSTM step kernel: ``BR`` rows by ``BJ`` features of each of the 4 gates. Returns the row and
+    feature indices, the gate index, their validity, the (rows, features) and (rows, gates, features) masks, the
+    feature index in 4H ``col`` (4, BJ) and its mask, and the offsets of the tile in a (bs, 4H) tensor."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    js = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    gates = tl.arange(0, 4)
+    rv, jv = rows < bs, js < H
+    m2 = rv[:, None] & jv[None, :]
+    m3 = m2[:, None, :] & (gates >= 0)[None, :, None]
+    col = gates[:, None] * H + js[None, :]
+    colm = (gates >= 0)[:, None] & jv[None, :]
+    off3 = rows[:, None, None] * (4 * H) + col[None, :, :]
+    return rows, js, gates, rv, jv, m2, m3, col, colm, off3
+
+
+@triton.jit
 def lstm_forward(
     z_ptr, u_ptr, cp_ptr, h_ptr, c_ptr, s_ptr, tc_ptr, hl_ptr,
     wh_ptr, bh_ptr, wc_ptr, bc_ptr,
@@ -67,15 +84,7 @@ def lstm_forward(
     with ``update`` the running statistics of a batch norm (the exponential average with the unbiased variance);
     ``LOWP``: h also in ``hl`` (the low-precision copy the next step's GEMM reads, under autocast).
     """
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    js = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    gates = tl.arange(0, 4)
-    rv, jv = rows < bs, js < H
-    m2 = rv[:, None] & jv[None, :]
-    m3 = m2[:, None, :] & (gates >= 0)[None, :, None]
-    col = gates[:, None] * H + js[None, :]  # (4, BJ): the feature index in 4H
-    colm = (gates >= 0)[:, None] & jv[None, :]
-    off3 = rows[:, None, None] * (4 * H) + col[None, :, :]
+    rows, js, gates, rv, jv, m2, m3, col, colm, off3 = _lstm_tile(bs, H, BR, BJ)
     z = tl.load(z_ptr + off3, mask=m3, other=0.0).to(ACC)
     # ---- N_h(z)
     if KH == 1 or KH == 2:
@@ -153,15 +162,7 @@ def lstm_backward(
     the gradient of the gate pre-activations ``du``, that of z = W_h h_prev in ``dz`` (``STORE_DZ``; else ``dz`` is
     ``du``), that of the normalized-and-shifted c in ``dn`` (for the gain gradients), and the carried gradient of
     c_prev into ``dcc``. The host then computes dh_prev = dz W_h into ``dhg`` (one GEMM)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    js = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    gates = tl.arange(0, 4)
-    rv, jv = rows < bs, js < H
-    m2 = rv[:, None] & jv[None, :]
-    m3 = m2[:, None, :] & (gates >= 0)[None, :, None]
-    col = gates[:, None] * H + js[None, :]
-    colm = (gates >= 0)[:, None] & jv[None, :]
-    off3 = rows[:, None, None] * (4 * H) + col[None, :, :]
+    rows, js, gates, rv, jv, m2, m3, col, colm, off3 = _lstm_tile(bs, H, BR, BJ)
     off2 = rows[:, None] * H + js[None, :]
     dh = tl.load(dhg_ptr + off2, mask=m2, other=0.0).to(ACC) + tl.load(dout_ptr + off2, mask=m2, other=0.0).to(ACC)
     act = tl.load(s_ptr + off3, mask=m3, other=0.0).to(ACC)
