@@ -23,7 +23,7 @@ STUDY = (
 CONFIGS = sorted(
     p
     for p in (ROOT / "configs").rglob("*.yaml")
-    if not p.name.startswith("_") and p.parent.name != "logger" and p != STUDY / "plan.yaml"
+    if not p.name.startswith("_") and p.parent.name != "logger" and p.name != "plan.yaml"
 )
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+import zoo.nn
 from zoo.study import PlanError, load_plan
 from zoo.study.__main__ import main
 from zoo.study.plan import cli_args, slug
-from zoo.study.runner import curve, last_test_metrics, read_metrics
+from zoo.study.runner import curve, last_test_metrics, monitor_of, read_metrics
 
 UCR = "configs/study/ucr.yaml"
 TINY = {
@@ -76,10 +77,29 @@ def test_plan_expands_tasks_arms_seeds_and_shares_runs(tmp_path: Path) -> None:
     assert run.evals == (("batch 4", ("--data.init_args.batch_size=4",)),)
 
 
+def test_an_experiment_may_name_its_own_seeds(tmp_path: Path) -> None:
+    raw = yaml.safe_load(write_plan(tmp_path / "p.yaml").read_text())
+    lstm = {"lstm": {"model.init_args.variant": "lstm"}}
+    raw["experiments"]["seeds"] = {"tasks": ["italy"], "seeds": [0, 1], "arms": lstm}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    plan = load_plan(tmp_path / "p.yaml", tmp_path / "out")
+    assert [r.key for r in plan.runs(["variants"])] == ["italy/lstm/seed0", "italy/ln_lstm/seed0"]
+    assert [r.key for r in plan.runs()] == ["italy/lstm/seed0", "italy/ln_lstm/seed0", "italy/lstm/seed1"]
+
+
+def test_monitor_is_the_configs_checkpoint_monitor_else_the_models(tmp_path: Path) -> None:
+    config = {"model": {"class_path": "zoo.models.SequenceClassifier"}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(config))
+    assert monitor_of(tmp_path / "a.yaml") == ("val/acc", "max")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({**config, "checkpoint": {"monitor": "val/loss", "mode": "min"}}))
+    assert monitor_of(tmp_path / "b.yaml") == ("val/loss", "min")
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (lambda p: p.update(seed=[0]), r"unknown key\(s\) seed"),
+        (lambda p: p["experiments"]["variants"].update(seeds=[]), r"experiments.variants.seeds must be a non-empty"),
         (lambda p: p["tasks"]["italy"].update(config="configs/study/nope.yaml"), r"tasks.italy.config .*nope.yaml"),
         (lambda p: p["experiments"]["variants"].update(tasks=["itally"]), r"experiments.variants.tasks must list"),
         (lambda p: p["experiments"]["variants"].update(arms={}), r"experiments.variants has no arms"),
@@ -135,9 +155,9 @@ def test_curve_merges_a_resumed_runs_logs(tmp_path: Path) -> None:
     )
     rows = read_metrics(tmp_path)
     assert curve(rows) == [
-        {"step": 10, "train_s": 1.5, "val/acc": 0.5, "val/loss": 0.7},
-        {"step": 20, "train_s": 3.25, "val/acc": 0.625, "val/loss": 0.59},
-        {"step": 30, "train_s": 4.5, "val/acc": 0.7, "val/loss": 0.5},
+        {"step": 10, "train_s": 1.5, "epoch": 0.0, "val/acc": 0.5, "val/loss": 0.7},
+        {"step": 20, "train_s": 3.25, "epoch": 0.0, "val/acc": 0.625, "val/loss": 0.59},
+        {"step": 30, "train_s": 4.5, "epoch": 0.0, "val/acc": 0.7, "val/loss": 0.5},
     ]
     assert last_test_metrics(rows) == {"test/acc": 0.69}
 
@@ -252,3 +272,21 @@ def test_the_committed_plan_is_valid() -> None:
     assert len(plan.seeds) >= 2 and {"variants", "statistics", "input_only", "gamma"} <= set(plan.experiments)
     # 4 tasks x 10 variants, plus the ablation arms not shared with them (3 arms x 2 tasks, h0 noise on pmnist)
     assert len(plan.runs()) == (4 * 10 + 3 * 2 + 1) * len(plan.seeds) == 94
+
+
+def test_the_converged_zoo_plan_covers_every_variant() -> None:
+    """configs/zoo/plan.yaml: the ten variants on PTB characters, ETTh1 and UCR, the three published shakespeare
+    variants, a second seed of lstm, bn_lstm and ln_lstm on PTB characters; every run with early stopping."""
+    plan = load_plan("configs/zoo/plan.yaml")
+    variants = {v.name for v in zoo.nn.list_variants()}
+    runs = plan.runs()
+    for task in ("ptb_char", "ett", "ucr"):
+        assert {r.arm for r in runs if r.task == task and r.seed == 0} == variants
+    assert {r.arm for r in runs if r.task == "shakespeare"} == {"lstm", "bn_lstm", "ln_lstm"}
+    assert {r.arm for r in runs if r.seed == 1} == {"lstm", "bn_lstm", "ln_lstm"}
+    assert len(runs) == 3 * 10 + 3 + 3
+    for task in plan.tasks.values():
+        config = yaml.safe_load(Path(task.config).read_text())
+        assert config["trainer"]["max_time"] == "00:00:45:00"
+        stops = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")]
+        assert len(stops) == 1 and config["lr_scheduler"]["class_path"].endswith("ReduceLROnPlateau")

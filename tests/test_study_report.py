@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 import yaml
 
-from zoo.study.report import write_report
+from zoo.study.report import epochs_to_best, write_report
 
 PLAN = {
     "title": "A small study",
@@ -200,3 +200,28 @@ def test_missing_input_names_the_path(tmp_path: Path, missing: str) -> None:
     (study / missing).unlink()
     with pytest.raises(FileNotFoundError, match=str(study / missing)):
         write_report(study)
+
+
+def test_epochs_to_best_and_seconds_per_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "curve.csv"
+    path.write_text("step,train_s,epoch,val/acc\n10,2.0,0,0.5\n20,4.0,1,0.8\n30,6.0,2,0.7\n40,8.0,3,0.8\n")
+    assert epochs_to_best(path, "val/acc") == (2.0, 2.0)  # the first best (epoch index 1), 8 s over 4 epochs
+    path.write_text("step,train_s,epoch,val/bpc\n10,3.0,0,2.0\n20,6.0,0,1.5\n")
+    assert epochs_to_best(path, "val/bpc") is None  # one epoch only: a step budget, the columns are left out
+    path.write_text("step,train_s,val/bpc\n10,3.0,2.0\n20,6.0,1.5\n")
+    assert epochs_to_best(path, "val/bpc") is None
+
+
+def test_a_task_trained_in_epochs_gets_epochs_to_best_and_seconds_per_epoch(tmp_path: Path) -> None:
+    study = make_study(tmp_path / "study")
+    for seed, best_epoch in ((0, 1), (1, 2)):  # pMNIST lstm: 4 epochs, the best in the 2nd and the 3rd
+        values = [0.5, 0.6, 0.7, 0.65]
+        values[best_epoch] = 0.9
+        rows = "".join(f"{10 * (e + 1)},{5.0 * (e + 1)},{e},{v}\n" for e, v in enumerate(values))
+        (study / f"runs/mnist/lstm/seed{seed}/curve.csv").write_text("step,train_s,epoch,val/acc\n" + rows)
+    text = section(write_report(study, tmp_path / "report.md").read_text(), "How wide?")
+    mnist = text[text.index("(`mnist`)") :]
+    header = cells(mnist, "arm")
+    assert header[5:7] == ["epochs to best", "training s per epoch"]
+    assert cells(mnist, "lstm")[5:7] == ["2 / 3", "5.0"]  # 20 s over 4 epochs, both seeds
+    assert cells(mnist, "wide")[5:7] == ["–", "–"]  # its curve counts no epochs

@@ -427,6 +427,7 @@ class LNLSTMCell(_NormalizedLSTMCell):
         self.ln_hh = self.norm_layer(g, eps=eps)
         self.ln_c = self.norm_layer(hidden_size, eps=eps)
 
+
 @variant("rms_lstm", "RMSNorm in the layer-norm positions of ln_lstm", RMS)
 class RMSLSTMCell(LNLSTMCell):
     """RMSNorm LSTM (Zhang & Sennrich 2019, eq. 4) in Ba et al.'s LN positions.

@@ -18,6 +18,7 @@
         title: Which normalization?
         question: ...
         tasks: [ptb_char]
+        seeds: [0]               # optional: this experiment's seeds (default: the plan's)
         arms:                    # label: command-line overrides
           lstm: {model.init_args.variant: lstm}
           bn_lstm: {model.init_args.variant: bn_lstm}
@@ -40,7 +41,7 @@ import yaml
 
 PLAN_KEYS = {"title", "description", "out_dir", "seeds", "workers", "threads", "tasks", "experiments"}
 TASK_KEYS = {"config", "title", "metric", "args", "evals"}
-EXPERIMENT_KEYS = {"title", "question", "description", "tasks", "arms", "published"}
+EXPERIMENT_KEYS = {"title", "question", "description", "tasks", "arms", "published", "seeds"}
 
 
 class PlanError(ValueError):
@@ -73,6 +74,7 @@ class Experiment:
     tasks: list[str]
     arms: dict[str, dict[str, Any]]
     published: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    seeds: list[int] | None = None
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Plan:
             for arm, overrides in exp.arms.items():
                 args = tuple(cli_args(task.args) + cli_args(overrides))
                 evals = tuple((label, tuple(cli_args(o))) for label, o in task.evals.items())
-                for seed in self.seeds:
+                for seed in exp.seeds or self.seeds:
                     out.append(Run(task_name, arm, seed, task.config, args, evals))
         return out
 
@@ -154,6 +156,12 @@ def _mapping(value: Any, where: str, allowed: set[str] | None = None) -> dict[st
     return value
 
 
+def _seeds(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value):
+        raise PlanError(f"{where} must be a non-empty list of integers, got {value!r}")
+    return list(value)
+
+
 def load_plan(path: str | Path, out_dir: str | Path | None = None) -> Plan:
     """Read and check a plan; every error (a typo, a missing config, an experiment naming an unknown task, two
     experiments giving one run different overrides) is raised here, before any run starts."""
@@ -165,9 +173,7 @@ def load_plan(path: str | Path, out_dir: str | Path | None = None) -> Plan:
     except yaml.YAMLError as err:
         raise PlanError(f"{path} is not valid YAML: {err}") from err
     raw = _mapping(raw, str(path), PLAN_KEYS)
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise PlanError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    seeds = _seeds(raw.get("seeds", [0]), f"{path}: seeds")
     workers, threads = raw.get("workers", 1), raw.get("threads", 1)
     for name, value in (("workers", workers), ("threads", threads)):
         if not isinstance(value, int) or value < 1:
@@ -221,6 +227,7 @@ def load_plan(path: str | Path, out_dir: str | Path | None = None) -> Plan:
             tasks=list(exp_tasks),
             arms=arms,
             published=published,
+            seeds=_seeds(spec["seeds"], f"{path}: experiments.{name}.seeds") if "seeds" in spec else None,
         )
     if not experiments:
         raise PlanError(f"{path}: no experiments")

@@ -89,6 +89,22 @@ def _read_curve(path: Path, monitor: str) -> Curve:
     return [(step, float("nan") if t is None else t, v) for step, t, v in points if step is not None and v is not None]
 
 
+def epochs_to_best(path: Path, monitor: str) -> tuple[float, float] | None:
+    """From a run's ``curve.csv``: the number of epochs up to its best validation of ``monitor`` and the training
+    seconds per epoch; None where the curve has no epochs or spans fewer than two (a budget of steps, not epochs)."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(monitor) not in (None, "") and r.get("epoch") not in (None, "")]
+    if len({r["epoch"] for r in rows}) < 2:
+        return None
+    pick = max if higher_is_better(monitor) else min
+    best = pick(rows, key=lambda r: float(r[monitor]))
+    seconds = _float(rows[-1].get("train_s"))
+    per_epoch = seconds / (float(rows[-1]["epoch"]) + 1) if seconds is not None else float("nan")
+    return float(best["epoch"]) + 1, per_epoch
+
+
 def _aggregate(curves: list[Curve]) -> tuple[list[float], ...]:
     """Per step over seeds: steps, mean training seconds, mean, min and max of the monitored value."""
     by_step: dict[float, list[tuple[float, float]]] = defaultdict(list)
@@ -140,14 +156,24 @@ def plot_test(values: dict[str, list[float]], metric: str, title: str, colors: d
 
 
 def _table(
-    arms: list[str], rows: list[dict[str, str]], monitor: str, metric: str, evals: list[str], published: dict
+    arms: list[str],
+    rows: list[dict[str, str]],
+    monitor: str,
+    metric: str,
+    evals: list[str],
+    published: dict,
+    by_epoch: dict[str, tuple[float, float]],
 ) -> list[str]:
-    """The Markdown table of one experiment's task: a row per arm."""
+    """The Markdown table of one experiment's task: a row per arm (``by_epoch``: `epochs_to_best` of each run's
+    directory, where its curve counts epochs)."""
     by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in arms}
     done = {arm: [r for r in arm_rows if r["status"] == "done"] for arm, arm_rows in by_arm.items()}
     means = {arm: statistics.fmean(v) for arm in arms if (v := _values(done[arm], metric))}
     best = (max if higher_is_better(metric) else min)(means.values()) if means else None
-    header = ["arm", "runs done", "steps", "training s per run", "ms per step", f"best {monitor}", metric, *evals]
+    epochs = {r["run_dir"]: e for r in rows if r["status"] == "done" and (e := by_epoch.get(r["run_dir"])) is not None}
+    per_epoch = ["epochs to best", "training s per epoch"] if epochs else []
+    header = ["arm", "runs done", "steps", "training s per run", "ms per step", *per_epoch, f"best {monitor}"]
+    header += [metric, *evals]
     lines = ["| " + " | ".join([*header, "published"]) + " |", "|" + "---|" * (len(header) + 1)]
     for arm in arms:
         runs = done[arm]
@@ -164,6 +190,7 @@ def _table(
             steps_text,
             f"{statistics.fmean(train_s):.1f}" if train_s else DASH,
             f"{statistics.fmean(ms):.1f}" if ms else DASH,
+            *(_epoch_cells([epochs[r["run_dir"]] for r in runs if r["run_dir"] in epochs]) if epochs else []),
             mean_std(_values(runs, "best_val")),
             mean_std(_values(runs, metric), bold=arm in means and means[arm] == best),
             *(mean_std(_values(runs, column)) for column in evals),
@@ -171,6 +198,15 @@ def _table(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _epoch_cells(values: list[tuple[float, float]]) -> list[str]:
+    """The "epochs to best" and "training s per epoch" cells of an arm's runs."""
+    if not values:
+        return [DASH, DASH]
+    best = sorted({int(e) for e, _ in values})
+    text = str(best[0]) if len(best) == 1 else " / ".join(map(str, best))
+    return [text, f"{statistics.fmean(s for _, s in values):.1f}"]
 
 
 def _task_section(
@@ -196,7 +232,8 @@ def _task_section(
     evals = [f"{label}: {metric}" for label in task.get("evals") or {} if f"{label}: {metric}" in columns]
     arms = list(dict.fromkeys([*map(str, exp.get("arms") or {}), *(r["arm"] for r in rows)]))
     published = (exp.get("published") or {}).get(task_name) or {}
-    lines += _table(arms, rows, monitor, metric, evals, published) + [""]
+    by_epoch = {r["run_dir"]: e for r in done if (e := epochs_to_best(study_dir / r["run_dir"] / "curve.csv", monitor))}
+    lines += _table(arms, rows, monitor, metric, evals, published, by_epoch) + [""]
 
     stem = f"{slug(exp_name)}_{slug(task_name)}"
     curves: dict[str, list[Curve]] = {}

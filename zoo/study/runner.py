@@ -110,7 +110,8 @@ def _float(value: str | None) -> float | None:
 
 
 def curve(rows: list[dict[str, str]]) -> list[dict[str, float]]:
-    """Validation points ``{"step", "train_s", "val/...": ...}`` by optimizer step; a resumed run's later logs win."""
+    """Validation points ``{"step", "train_s", "epoch", "val/...": ...}`` by optimizer step (``epoch``: the index of
+    the epoch the validation ran in); a resumed run's later logs win."""
     points: dict[int, dict[str, float]] = {}
     for row in rows:
         vals = {k: float(v) for k, v in row.items() if k.startswith("val/") and v not in ("", None)}
@@ -121,6 +122,8 @@ def curve(rows: list[dict[str, str]]) -> list[dict[str, float]]:
         point.update(vals)
         if _float(row.get("time/train_s")) is not None:
             point["train_s"] = float(row["time/train_s"])
+        if _float(row.get("epoch")) is not None:
+            point["epoch"] = float(row["epoch"])
     return [points[s] for s in sorted(points)]
 
 
@@ -133,8 +136,12 @@ def last_test_metrics(rows: list[dict[str, str]]) -> dict[str, float]:
 
 
 def monitor_of(config_path: Path) -> tuple[str, str]:
-    """The validation metric a run's model monitors, and whether lower (``min``) or higher (``max``) is better."""
+    """The validation metric a run's best checkpoint was chosen on (the config's ``checkpoint.monitor``, else the
+    model's own), and whether lower (``min``) or higher (``max``) is better."""
     config = yaml.safe_load(config_path.read_text())
+    checkpoint = config.get("checkpoint") or {}
+    if checkpoint.get("monitor"):
+        return checkpoint["monitor"], checkpoint.get("mode") or "min"
     module, _, name = config["model"]["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     return cls.monitor, cls.monitor_mode
@@ -149,7 +156,7 @@ def best_checkpoint(directory: Path) -> Path:
 
 
 def write_curve(path: Path, points: list[dict[str, float]]) -> None:
-    keys = ["step", "train_s"] + sorted({k for p in points for k in p} - {"step", "train_s"})
+    keys = ["step", "train_s", "epoch"] + sorted({k for p in points for k in p} - {"step", "train_s", "epoch"})
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
