@@ -62,6 +62,7 @@ class ModelCard:
     evaluate: str
     paper: str
     parameters: int
+    convergence: str = ""  # how the validation curve ended (`zoo.hub.publish.convergence`); "" on older cards
     text: str = field(default="", repr=False, compare=False)
 
     @property
@@ -90,6 +91,7 @@ class ModelCard:
             ("all metrics", metrics),
             ("parameters", f"{self.parameters:,}"),
             ("training", self.training),
+            *([("convergence", self.convergence)] if self.convergence else []),
             ("training time", f"{minutes} on {self.hardware}"),
             ("reproduce", f"`{self.command}`"),
             ("evaluate", f"`{self.evaluate}`"),
@@ -115,10 +117,10 @@ class ModelCard:
                 raise ValueError("no YAML front matter")
             data = yaml.safe_load(parts[1])["zoo"]
             names = {f.name for f in fields(cls)} - {"text"}
-            missing = sorted(names - set(data))
+            missing = sorted(names - set(data) - {"convergence"})
             if missing:
                 raise ValueError(f"missing fields {missing}")
-            return cls(**{k: data[k] for k in names}, text=text)
+            return cls(**{k: data[k] for k in names if k in data}, text=text)
         except (ValueError, TypeError, KeyError, yaml.YAMLError) as e:
             raise HubError(f"{source}: not a zoo model card: {e}") from e
 

@@ -47,9 +47,19 @@ DATASETS = {
     ),
     "PennTreebank": ("Penn Treebank (Mikolov's preprocessing)", "free for research purposes (LDC material)"),
     "SequentialMNIST": ("MNIST, one pixel per step (784 steps)", "CC BY-SA 3.0 (LeCun and Cortes)"),
-    "UCRArchive": ("a data set of the UCR/UEA time series archive", "per data set (timeseriesclassification.com)"),
-    "CSVForecasting": ("a CSV time series (ETT by default)", "ETT: CC BY-ND 4.0"),
+    "UCRArchive": ("{name} of the UCR/UEA time series archive", "per data set (timeseriesclassification.com)"),
+    "CSVForecasting": ("{path}: {target}, {horizon} steps ahead from the last {input_len}", "ETT: CC BY-ND 4.0"),
 }
+
+
+def _dataset(data_config: dict[str, Any]) -> tuple[str, str]:
+    """The data's description (the `DATASETS` entry, filled in from the config's init args) and its licence."""
+    name = str(data_config["class_path"]).rpartition(".")[2]
+    text, licence = DATASETS.get(name, (name, "unknown"))
+    try:
+        return text.format(**(data_config.get("init_args") or {})), licence
+    except (KeyError, IndexError):
+        return text, licence
 
 
 def describe_hardware() -> str:
@@ -132,6 +142,31 @@ def _training_description(config: dict[str, Any], ckpt: dict[str, Any], monitor:
     )
 
 
+def convergence(points: list[dict[str, float]], monitor: str, mode: str, last: int = 5) -> str:
+    """How the validation curve of ``monitor`` ended, the card's proof that training converged: the best value and the
+    step it came at, how many validations followed it, how far the last ``last`` validations lie from the best, and
+    their least-squares slope per 1000 steps. ``points`` are ``{"step": ..., monitor: ...}`` in step order."""
+    curve = [(p["step"], p[monitor]) for p in points if monitor in p]
+    if not curve:
+        return ""
+    pick = min if mode == "min" else max
+    best_at = pick(range(len(curve)), key=lambda i: curve[i][1])
+    best_step, best = curve[best_at]
+    tail = curve[-last:]
+    spread = max(abs(v - best) for _, v in tail) / max(abs(best), 1e-12)
+    slope = 0.0
+    if len(tail) > 1:
+        mean_s = sum(s for s, _ in tail) / len(tail)
+        mean_v = sum(v for _, v in tail) / len(tail)
+        var = sum((s - mean_s) ** 2 for s, _ in tail)
+        slope = sum((s - mean_s) * (v - mean_v) for s, v in tail) / var * 1000 if var else 0.0
+    return (
+        f"best {monitor} {best:.4f} at step {best_step:.0f} (validation {best_at + 1} of {len(curve)}; "
+        f"{len(curve) - best_at - 1} after it without improvement); the last {len(tail)} validations within "
+        f"{100 * spread:.2f}% of the best, slope {slope:+.4f} per 1000 steps"
+    )
+
+
 def export(
     checkpoint: str | Path,
     directory: str | Path,
@@ -179,10 +214,13 @@ def export(
     save_weights(model, directory / WEIGHTS)
     (directory / CONFIG).write_text(json.dumps(published_config, indent=2, ensure_ascii=False) + "\n", "utf-8")
 
-    data_name = str(training_config["data"]["class_path"]).rpartition(".")[2]
-    dataset, licence = DATASETS.get(data_name, (data_name, "unknown"))
+    dataset, licence = _dataset(training_config["data"])
     datamodule = datamodule_for(training_config, **(data_overrides or {}))
     metric = cls.monitor.replace("val/", "test/")
+    from zoo.study.runner import curve, monitor_of, read_metrics
+
+    monitor, mode = monitor_of(config_path)
+    points = curve(read_metrics(config_path.parent.parent))  # every version_*/metrics.csv of the run
     reloaded = build_model(published_config, directory / CONFIG)  # measure what was written, read back
     load_weights(directory / WEIGHTS, reloaded)
     if published_config["vocab"] is not None:
@@ -200,7 +238,8 @@ def export(
         metric=metric,
         metrics=metrics,
         measured=_measured(task, metric, datamodule),
-        training=_training_description(training_config, ckpt, cls.monitor),
+        training=_training_description(training_config, ckpt, monitor),
+        convergence=convergence(points, monitor, mode),
         training_time_s=training_time_s if training_time_s is not None else _training_time(ckpt),
         hardware=hardware or describe_hardware(),
         command=command or f"python train.py fit --config {config_path}",
