@@ -1,11 +1,11 @@
-"""Shared fixtures: a fixed seed for every test, each `zoo.nn` variant, one thread for the `zoo.nn` tests, and the
-device of the fused-path tests (``pytest tests/test_nn_fused.py --device cuda`` checks the fused path against the
-step-by-step engine on a GPU; the default is the CPU), and the data root of the tests that read real data sets
-(``ZOO_DATA``: the project's neighbour ``../shared/data`` where it exists and ``ZOO_DATA`` is unset; see
-tests/needs_data.py): a test that skips for missing data fails instead under ``CI`` or ``--require-data``. Where
-Triton is installed and there is no CUDA device, the session sets ``TRITON_INTERPRET=1`` before any Triton kernel is
-defined, so that the ``triton`` backend's kernels run on CPU tensors under Triton's interpreter (the tests that compare
-every backend include it then)."""
+"""Shared fixtures: the threads of each pytest-xdist worker, a fixed seed for every test, each `zoo.nn` variant, one
+thread for the `zoo.nn` tests, and the device of the fused-path tests (``pytest tests/test_nn_fused.py --device
+cuda`` checks the fused path against the step-by-step engine on a GPU; the default is the CPU), and the data root of
+the tests that read real data sets (``ZOO_DATA``: the project's neighbour ``../shared/data`` where it exists and
+``ZOO_DATA`` is unset; see tests/needs_data.py): a test that skips for missing data fails instead under ``CI`` or
+``--require-data``. Where Triton is installed and there is no CUDA device, the session sets ``TRITON_INTERPRET=1``
+before any Triton kernel is defined, so that the ``triton`` backend's kernels run on CPU tensors under Triton's
+interpreter (the tests that compare every backend include it then)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ if importlib.util.find_spec("triton") is not None and not torch.cuda.is_availabl
 
 import zoo.nn  # noqa: E402
 from zoo.data.root import ENV  # noqa: E402
+
+# Under pytest-xdist (pyproject's addopts) each worker takes its share of the CPUs, and so do the processes it starts
+# (train.py in a subprocess, DDP ranks): workers x threads stays within the machine.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not os.environ.get(ENV) and SHARED_DATA.is_dir():  # before any test module reads the root
