@@ -468,8 +468,74 @@ class GRUCell(_TorchLayoutCell):
         return h, (h,)
 
 
+class _NormalizedGRUCell(GRUCell):
+    """A GRU whose gates read normalized terms:
+
+    r, z = σ(N_x^{rz}(W_x^{rz} x_t) + N_h^{rz}(W_h^{rz} h_{t-1}) + b^{rz});
+    n = tanh(N_x^n(W_x^n x_t) + b_x^n + r ⊙ (N_h^n(W_h^n h_{t-1}) + b_h^n));  h_t = (1 − z) ⊙ n + z ⊙ h_{t-1}.
+
+    A subclass states its normalizations as data: `norms` names the attributes holding N_x^{rz}, N_x^n, N_h^{rz} and
+    N_h^n (None: not normalized), modules the engine applies at each step (a `MaskedBatchNorm` with the step's mask and
+    time step, any other module to the step's rows). The biases are `torch.nn.GRU`'s b_ih and b_hh, added after the
+    normalizations; the recurrent candidate term is normalized before the reset gate multiplies it.
+    """
+
+    norms: tuple[str | None, str | None, str | None, str | None] = (None, None, None, None)
+
+    native = None
+    backends = ("compiled", "triton", "python", "reference")
+
+    def norm_at(self, position: int) -> nn.Module | None:
+        """The module normalizing position 0 (W_x^{rz} x), 1 (W_x^n x), 2 (W_h^{rz} h) or 3 (W_h^n h): the attribute
+        `norms` names; None if the position is not normalized."""
+        name = self.norms[position]
+        return None if name is None else getattr(self, name)
+
+    def _norm(self, a: Tensor, first: int, b: Tensor | None, t: int | None, mask: Tensor | None) -> Tensor:
+        """N^{rz} and N^n (positions ``first`` and ``first + 1``) of the (r, z) and n parts of ``a``, plus ``b``; ``t``:
+        the time step of one step's rows, None for the input term of the whole sequence."""
+        h2 = 2 * self.hidden_size
+        parts = [a[..., :h2], a[..., h2:]]
+        for k in (0, 1):
+            norm = self.norm_at(first + k)
+            if t is not None:
+                parts[k] = _at_step(norm, parts[k], t, mask)
+            elif norm is not None:
+                parts[k] = norm(parts[k], mask) if isinstance(norm, MaskedBatchNorm) else norm(parts[k])
+        a = torch.cat(parts, dim=-1)
+        return a if b is None else a + b
+
+    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        if self.backend not in FUSED:
+            return self._norm(linear(x, self.weight_ih), 0, self.bias_ih, None, mask)
+        # The fused recurrence takes b_hh's r, z part in the input term (b_hn stays inside the reset gate).
+        h2 = 2 * self.hidden_size
+        b = None if self.bias_ih is None else torch.cat([self.bias_ih[:h2] + self.bias_hh[:h2], self.bias_ih[h2:]])
+        shifts = (None, None) if b is None else (b[:h2], b[h2:])
+        blocks = ((self.norm_at(0), self.weight_ih[:h2], shifts[0]), (self.norm_at(1), self.weight_ih[h2:], shifts[1]))
+        parts = [None if norm is None else normalize_input(norm, x, w, shift, mask) for norm, w, shift in blocks]
+        if all(p is not None for p in parts):  # each block's W_x x and its norm in one node
+            return torch.cat(parts, dim=-1)
+        return self._norm(linear(x, self.weight_ih), 0, b, None, mask)
+
+    def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
+        return self._norm(F.linear(h, self.weight_hh), 2, self.bias_hh, t, mask)
+
+    def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
+        """The recurrence with a hand-written backward (`zoo.nn.fused.FusedGRU`), on packed rows."""
+        if self.backend == "triton":
+            return gpu.gru_recurrence(self, u, state, layout)
+        b_hn = None if self.bias_hh is None else self.bias_hh[2 * self.hidden_size :]  # (the r, z part is in u)
+        n_rz, n_n = StepNorm(self.norm_at(2)), StepNorm(self.norm_at(3), shift=b_hn)
+        grad = torch.is_grad_enabled()
+        out, h = FusedGRU.apply(
+            u, state[0], self.weight_hh, b_hn, *n_rz.params(), *n_n.params(), layout, n_rz, n_n, grad
+        )
+        return out, (h,)
+
+
 @variant("ln_gru", "layer-normalized GRU (four LNs, in the official code's positions)", BA)
-class LNGRUCell(GRUCell):
+class LNGRUCell(_NormalizedGRUCell):
     """Layer-normalized GRU (Ba et al. 2016, supplementary; the LN positions of the official code).
 
     r, z = σ(LN(W_x^{rz} x_t) + LN(W_h^{rz} h_{t-1}) + b^{rz});
@@ -480,8 +546,7 @@ class LNGRUCell(GRUCell):
     and has no recurrent bias).
     """
 
-    native = None
-    backends = ("compiled", "triton", "python", "reference")
+    norms = ("ln_ih_rz", "ln_ih_n", "ln_hh_rz", "ln_hh_n")
     norm_layer = nn.LayerNorm
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5) -> None:
@@ -492,39 +557,6 @@ class LNGRUCell(GRUCell):
         self.ln_ih_n = self.norm_layer(h, eps=eps)
         self.ln_hh_rz = self.norm_layer(2 * h, eps=eps)
         self.ln_hh_n = self.norm_layer(h, eps=eps)
-
-    def _norm(self, a: Tensor, norm_rz: nn.Module, norm_n: nn.Module, b: Tensor | None) -> Tensor:
-        h2 = 2 * self.hidden_size
-        a = torch.cat([norm_rz(a[..., :h2]), norm_n(a[..., h2:])], dim=-1)
-        return a if b is None else a + b
-
-    def input_projection(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        if self.backend not in FUSED:
-            return self._norm(linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, self.bias_ih)
-        # The fused recurrence takes b_hh's r, z part in the input term (b_hn stays inside the reset gate).
-        h2 = 2 * self.hidden_size
-        b = None if self.bias_ih is None else torch.cat([self.bias_ih[:h2] + self.bias_hh[:h2], self.bias_ih[h2:]])
-        shifts = (None, None) if b is None else (b[:h2], b[h2:])
-        blocks = ((self.ln_ih_rz, self.weight_ih[:h2], shifts[0]), (self.ln_ih_n, self.weight_ih[h2:], shifts[1]))
-        parts = [normalize_input(norm, x, w, shift, mask) for norm, w, shift in blocks]
-        if all(p is not None for p in parts):  # each block's W_x x and its norm in one node
-            return torch.cat(parts, dim=-1)
-        return self._norm(linear(x, self.weight_ih), self.ln_ih_rz, self.ln_ih_n, b)
-
-    def recurrent(self, h: Tensor, t: int, mask: Tensor | None) -> Tensor:
-        return self._norm(F.linear(h, self.weight_hh), self.ln_hh_rz, self.ln_hh_n, self.bias_hh)
-
-    def fused_recurrence(self, u: Tensor, state: State, layout) -> tuple[Tensor, State]:
-        """The recurrence with a hand-written backward (`zoo.nn.fused.FusedGRU`), on packed rows."""
-        if self.backend == "triton":
-            return gpu.gru_recurrence(self, u, state, layout)
-        b_hn = None if self.bias_hh is None else self.bias_hh[2 * self.hidden_size :]  # (the r, z part is in u)
-        n_rz, n_n = StepNorm(self.ln_hh_rz), StepNorm(self.ln_hh_n, shift=b_hn)
-        grad = torch.is_grad_enabled()
-        out, h = FusedGRU.apply(
-            u, state[0], self.weight_hh, b_hn, *n_rz.params(), *n_n.params(), layout, n_rz, n_n, grad
-        )
-        return out, (h,)
 
 
 @variant("rms_gru", "RMSNorm in the layer-norm positions of ln_gru", RMS)

@@ -70,7 +70,7 @@ def gru_recurrence(cell, u: torch.Tensor, state: tuple[torch.Tensor, ...], layou
     from .recurrence import TritonGRU
 
     b_hn = None if cell.bias_hh is None else cell.bias_hh[2 * cell.hidden_size :]  # (the r, z part is in u)
-    n_rz, n_n = StepNorm(cell.ln_hh_rz), StepNorm(cell.ln_hh_n, shift=b_hn)
+    n_rz, n_n = StepNorm(cell.norm_at(2)), StepNorm(cell.norm_at(3), shift=b_hn)
     grad = torch.is_grad_enabled()
     out, h = TritonGRU.apply(u, state[0], cell.weight_hh, b_hn, *n_rz.params(), *n_n.params(), layout, n_rz, n_n, grad)
     return out, (h,)
