@@ -100,6 +100,7 @@ def test_monitor_is_the_configs_checkpoint_monitor_else_the_models(tmp_path: Pat
     [
         (lambda p: p.update(seed=[0]), r"unknown key\(s\) seed"),
         (lambda p: p["experiments"]["variants"].update(seeds=[]), r"experiments.variants.seeds must be a non-empty"),
+        (lambda p: p["tasks"]["italy"].update(columns="test/loss"), r"tasks.italy.columns must be a list"),
         (lambda p: p["tasks"]["italy"].update(config="configs/study/nope.yaml"), r"tasks.italy.config .*nope.yaml"),
         (lambda p: p["experiments"]["variants"].update(tasks=["itally"]), r"experiments.variants.tasks must list"),
         (lambda p: p["experiments"]["variants"].update(arms={}), r"experiments.variants has no arms"),

@@ -225,3 +225,15 @@ def test_a_task_trained_in_epochs_gets_epochs_to_best_and_seconds_per_epoch(tmp_
     assert header[5:7] == ["epochs to best", "training s per epoch"]
     assert cells(mnist, "lstm")[5:7] == ["2 / 3", "5.0"]  # 20 s over 4 epochs, both seeds
     assert cells(mnist, "wide")[5:7] == ["–", "–"]  # its curve counts no epochs
+
+
+def test_a_tasks_columns_add_test_metrics_to_its_table(tmp_path: Path) -> None:
+    study = make_study(tmp_path / "study")
+    plan = yaml.safe_load((study / "plan.yaml").read_text())
+    plan["tasks"]["mnist"]["columns"] = ["test/loss", "test/nothing"]  # a column no run has is left out
+    (study / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    text = section(write_report(study, tmp_path / "report.md").read_text(), "How wide?")
+    mnist = text[text.index("(`mnist`)") :]
+    assert cells(mnist, "arm")[-2:] == ["test/loss", "published"]
+    # lstm: test/acc 0.90, 0.92; test/loss = 0.69 x test/acc: 0.621, 0.6348
+    assert cells(mnist, "lstm")[-2] == "0.628 ± 0.010"

@@ -11,6 +11,7 @@
         title: Penn Treebank characters
         metric: test/bpc         # the test metric the report puts first
         args: {}                 # command-line overrides for every run of the task
+        columns: [test/loss]     # optional: more test metrics for the report's table
         evals:                   # optional: test the best checkpoint again with these overrides
           "length 1000": {data.init_args.bptt: 1000}
     experiments:
@@ -40,7 +41,7 @@ from typing import Any
 import yaml
 
 PLAN_KEYS = {"title", "description", "out_dir", "seeds", "workers", "threads", "tasks", "experiments"}
-TASK_KEYS = {"config", "title", "metric", "args", "evals"}
+TASK_KEYS = {"config", "title", "metric", "args", "evals", "columns"}
 EXPERIMENT_KEYS = {"title", "question", "description", "tasks", "arms", "published", "seeds"}
 
 
@@ -85,6 +86,7 @@ class Task:
     metric: str | None
     args: dict[str, Any]
     evals: dict[str, dict[str, Any]]
+    columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -156,6 +158,12 @@ def _mapping(value: Any, where: str, allowed: set[str] | None = None) -> dict[st
     return value
 
 
+def _columns(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise PlanError(f"{where} must be a list of metric names, got {value!r}")
+    return list(value)
+
+
 def _seeds(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value):
         raise PlanError(f"{where} must be a non-empty list of integers, got {value!r}")
@@ -196,6 +204,7 @@ def load_plan(path: str | Path, out_dir: str | Path | None = None) -> Plan:
             metric=spec.get("metric"),
             args=_mapping(spec.get("args"), f"{path}: tasks.{name}.args"),
             evals={str(k): _mapping(v, f"{path}: tasks.{name}.evals.{k}") for k, v in evals.items()},
+            columns=_columns(spec.get("columns", []), f"{path}: tasks.{name}.columns"),
         )
     if not tasks:
         raise PlanError(f"{path}: no tasks")

@@ -230,6 +230,7 @@ def _task_section(
     monitor = done[0]["monitor"]
     metric = task.get("metric") or "test/" + monitor.split("/", 1)[-1]
     evals = [f"{label}: {metric}" for label in task.get("evals") or {} if f"{label}: {metric}" in columns]
+    evals += [c for c in task.get("columns") or [] if c in columns]  # the plan's extra test metrics
     arms = list(dict.fromkeys([*map(str, exp.get("arms") or {}), *(r["arm"] for r in rows)]))
     published = (exp.get("published") or {}).get(task_name) or {}
     by_epoch = {r["run_dir"]: e for r in done if (e := epochs_to_best(study_dir / r["run_dir"] / "curve.csv", monitor))}
