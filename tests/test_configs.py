@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from needs_data import require_data
 
@@ -129,3 +130,10 @@ def test_logger_configs_compose_with_a_task_config(
         cli.model.hparams.variant
         == yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())["model"]["init_args"]["variant"]
     )
+
+
+def test_the_converged_zoos_runs_stop_after_45_minutes(tmp_path: Path) -> None:
+    """configs/zoo/*.yaml cap each run with their Timer: the trainer holds that one Timer, with 45 minutes."""
+    cli = ZooCLI(args=_args(ROOT / "configs/zoo/ucr.yaml", tmp_path), run=False)
+    (timer,) = [c for c in cli.trainer.callbacks if isinstance(c, Timer)]
+    assert timer._duration == 45 * 60
