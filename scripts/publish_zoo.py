@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from zoo.hub.publish import export, push
+from zoo.hub.publish import describe_hardware, export, push
 from zoo.hub.sources import MANIFEST, read_manifest
 from zoo.study.plan import load_plan
 from zoo.study.runner import best_checkpoint, finished, run_dir
@@ -55,6 +55,7 @@ def main() -> int:
                 name=name,
                 command=command,
                 training_time_s=result.get("train_s"),
+                hardware=f"{describe_hardware()}; {plan.threads} thread(s) per run, {plan.workers} runs at a time",
             )
             target = MODELS / name
             if target.exists():

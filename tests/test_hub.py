@@ -446,3 +446,21 @@ def test_convergence_states_the_best_the_validations_after_it_and_the_final_slop
     assert convergence(points, "val/acc", "max") == ""
     accuracy = [{"step": 1, "val/acc": 0.5}, {"step": 2, "val/acc": 0.8}, {"step": 3, "val/acc": 0.8}]
     assert "best val/acc 0.8000 at step 2 (validation 2 of 3; 1 after" in convergence(accuracy, "val/acc", "max")
+
+
+def test_training_description_names_early_stopping_and_the_time_cap() -> None:
+    trainer = {
+        "max_epochs": 50,
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                "init_args": {"monitor": "val/bpc", "patience": 3},
+            },
+            {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"duration": "00:00:45:00"}},
+        ],
+    }
+    config = {"trainer": trainer, "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.002}}}
+    text = _training_description(config, {"epoch": 9, "global_step": 100}, "val/bpc")
+    assert text.startswith(
+        "at most 50 epochs, early stopping on val/bpc (patience 3), at most 00:00:45:00 (d:h:m:s, Timer), Adam lr 0.002"
+    )
