@@ -17,6 +17,7 @@ import zoo
 from zoo.checkpoints import load_checkpoint
 from zoo.data import sha256sum
 from zoo.models import RecurrentModule
+from zoo.study.runner import curve, monitor_of, read_metrics
 
 from .format import (
     CARD,
@@ -224,8 +225,6 @@ def export(
     dataset, licence = _dataset(training_config["data"])
     datamodule = datamodule_for(training_config, **(data_overrides or {}))
     metric = cls.monitor.replace("val/", "test/")
-    from zoo.study.runner import curve, monitor_of, read_metrics
-
     monitor, mode = monitor_of(config_path)
     points = curve(read_metrics(config_path.parent.parent))  # every version_*/metrics.csv of the run
     reloaded = build_model(published_config, directory / CONFIG)  # measure what was written, read back
