@@ -131,7 +131,7 @@ def plot_curves(curves: dict[str, list[Curve]], monitor: str, title: str, colors
     by_time.set(xlabel="training time (s)", title="against training seconds")
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}: validation {monitor} (mean over seeds, band: min–max)")
+    fig.suptitle(f"{title}: validation {monitor} (mean over seeds, band: min–max)", fontsize="medium")
     fig.legend(*by_step.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(curves), 6))
     fig.savefig(path, dpi=100)
     plt.close(fig)
