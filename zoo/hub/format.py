@@ -14,7 +14,7 @@ of `zoo.models`) and variant, and every tensor's name, shape and dtype against t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,8 @@ class ModelCard:
                 raise ValueError("no YAML front matter")
             data = yaml.safe_load(parts[1])["zoo"]
             names = {f.name for f in fields(cls)} - {"text"}
-            missing = sorted(names - set(data) - {"convergence"})
+            optional = {f.name for f in fields(cls) if f.default is not MISSING}  # fields later cards added
+            missing = sorted(names - set(data) - optional)
             if missing:
                 raise ValueError(f"missing fields {missing}")
             return cls(**{k: data[k] for k in names if k in data}, text=text)

@@ -127,10 +127,9 @@ def _training_description(config: dict[str, Any], ckpt: dict[str, Any], monitor:
     for callback in trainer.get("callbacks") or []:  # what else ends the run: early stopping, a time cap
         name, args = str(callback.get("class_path", "")).rpartition(".")[2], callback.get("init_args") or {}
         if name == "EarlyStopping":
-            budget += f", early stopping on {args.get('monitor')} (patience {args.get('patience', 3)})"
+            budget = f"at most {budget}, early stopping on {args.get('monitor')} (patience {args.get('patience', 3)})"
         elif name == "Timer" and args.get("duration"):
             budget += f", at most {args['duration']} (d:h:m:s, Timer)"
-    budget = f"at most {budget}" if "early stopping" in budget else budget
     optimizer = config.get("optimizer") or {}
     lr = (optimizer.get("init_args") or {}).get("lr")
     scheduler = (config.get("lr_scheduler") or {}).get("class_path", "none").rpartition(".")[2]
