@@ -18,6 +18,7 @@ import zoo.nn
 from zoo.study import PlanError, load_plan
 from zoo.study.__main__ import main
 from zoo.study.plan import cli_args, slug
+from zoo.study.report import zoom_range
 from zoo.study.runner import curve, last_test_metrics, monitor_of, read_metrics
 
 UCR = "configs/study/ucr.yaml"
@@ -294,3 +295,24 @@ def test_the_converged_zoo_plan_covers_every_variant() -> None:
         # the cap is the Timer's: Lightning ignores trainer.max_time when the callbacks hold a Timer
         (timer,) = [c for c in callbacks if c["class_path"].endswith("Timer")]
         assert timer["init_args"]["duration"] == "00:00:45:00" and "max_time" not in config["trainer"]
+
+
+def _curves(*arms: list[float]) -> dict[str, list[list[tuple[float, float, float]]]]:
+    """One seed per arm, a validation every 100 steps."""
+    return {f"arm{i}": [[(100.0 * (k + 1), float(k), v) for k, v in enumerate(vs)]] for i, vs in enumerate(arms)}
+
+
+def test_zoom_range_frames_where_the_arms_end_when_an_early_point_stretches_the_axis() -> None:
+    # best 1.5; the finals 1.5 and 1.55 have median 1.525: a window 4 x 0.025 = 0.1 tall above the best, 0.01 below;
+    # the full range (1.5 to 5.0) is far more than 4 windows, so the plot zooms.
+    low, high = zoom_range(_curves([5.0, 2.0, 1.5], [2.0, 1.6, 1.55]), "val/bpc")
+    assert (low, high) == pytest.approx((1.49, 1.6))
+    # accuracies: the window lies below the best (0.9; finals 0.9 and 0.86, median 0.88: 0.08 tall).
+    low, high = zoom_range(_curves([0.1, 0.7, 0.9], [0.1, 0.6, 0.86]), "val/acc")
+    assert (low, high) == pytest.approx((0.82, 0.908))
+
+
+def test_zoom_range_leaves_curves_alone_that_the_full_axis_shows() -> None:
+    assert zoom_range(_curves([0.14, 0.13, 0.12], [0.13, 0.12, 0.125]), "val/mse") is None  # range 0.02, window 0.01
+    assert zoom_range(_curves([2.0, 1.5]), "val/bpc") is None  # one arm
+    assert zoom_range(_curves([2.0, 1.5], [2.0, 1.5]), "val/bpc") is None  # the finals equal the best

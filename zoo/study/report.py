@@ -23,6 +23,7 @@ from zoo.study.plan import slug
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 DASH = "–"
 UNITS = {"bpc": "bits/char", "acc": "fraction correct", "accuracy": "fraction correct"}
@@ -117,22 +118,55 @@ def _aggregate(curves: list[Curve]) -> tuple[list[float], ...]:
     return steps, times, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
+ZOOM_WIDTH = 4.0  # the zoomed window spans this many times the gap between the best value and the median final one
+ZOOM_WHEN = 4.0  # zoom where the full range of the curves is more than this many windows tall
+
+
+def zoom_range(curves: dict[str, list[Curve]], monitor: str) -> tuple[float, float] | None:
+    """A y-range on where the arms end, or None where the full range already shows it: from the best value of any
+    arm's mean curve, ``ZOOM_WIDTH`` times its gap to the median of the arms' final values (towards worse), plus a tenth
+    of that beyond the best. Early points (a first validation far off) and an arm far behind then leave the axis."""
+    means = [_aggregate(arm_curves)[2] for arm_curves in curves.values() if any(arm_curves)]
+    if len(means) < 2:
+        return None
+    up = higher_is_better(monitor)
+    values = [v for mean in means for v in mean]
+    best = max(values) if up else min(values)
+    width = ZOOM_WIDTH * abs(statistics.median(mean[-1] for mean in means) - best)
+    if width == 0 or max(values) - min(values) <= ZOOM_WHEN * 1.1 * width:
+        return None
+    return (best - width, best + 0.1 * width) if up else (best - 0.1 * width, best + width)
+
+
 def plot_curves(curves: dict[str, list[Curve]], monitor: str, title: str, colors: dict[str, Any], path: Path) -> None:
     """The monitored validation metric against steps (left) and training seconds (right), one line per arm (mean over
-    seeds, shaded min–max)."""
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True, layout="constrained")
+    seeds, shaded min–max); below them the same zoomed on where the arms end, where `zoom_range` finds it needed."""
+    zoom = zoom_range(curves, monitor)
+    rows = 1 if zoom is None else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(9, 3.8 + 3.0 * (rows - 1)), sharex="col", layout="constrained")
+    axes = axes.reshape(rows, 2)
     for arm, arm_curves in curves.items():
         steps, times, mean, low, high = _aggregate(arm_curves)
-        for ax, x in ((by_step, steps), (by_time, times)):
-            ax.plot(x, mean, color=colors[arm], marker="o", markersize=3, label=arm)
-            if len(arm_curves) > 1:
-                ax.fill_between(x, low, high, color=colors[arm], alpha=0.2, linewidth=0)
-    by_step.set(xlabel="training step", ylabel=axis_label(monitor), title="against steps")
-    by_time.set(xlabel="training time (s)", title="against training seconds")
-    for ax in (by_step, by_time):
+        for row in axes:
+            for ax, x in zip(row, (steps, times), strict=True):
+                ax.plot(x, mean, color=colors[arm], marker="o", markersize=3, label=arm)
+                if len(arm_curves) > 1:
+                    ax.fill_between(x, low, high, color=colors[arm], alpha=0.2, linewidth=0)
+    axes[0, 0].set(ylabel=axis_label(monitor), title="against steps")
+    axes[0, 1].set(title="against training seconds")
+    axes[0, 1].sharey(axes[0, 0])
+    if zoom is not None:
+        axes[1, 0].set(ylabel=f"{monitor}, zoomed", title="zoomed on where the arms end")
+        axes[1, 1].set(title="(points beyond it are off the axis)")
+        for ax in axes[1]:
+            ax.set_ylim(*zoom)
+    axes[-1, 0].set(xlabel="training step")
+    axes[-1, 0].xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, not 20000: the labels stay apart
+    axes[-1, 1].set(xlabel="training time (s)")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: validation {monitor} (mean over seeds, band: min–max)", fontsize="medium")
-    fig.legend(*by_step.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(curves), 6))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=min(len(curves), 6))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
