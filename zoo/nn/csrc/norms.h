@@ -63,17 +63,11 @@ template <typename T>
 inline void row_forward(const RowNorm<T>& n, const T* x, T* y, int64_t F, int64_t r) {
   T mu = 0, rs = 1;
   if (n.kind == LN || n.kind == RMS) {
-    if (n.kind == LN) {
-#pragma omp simd reduction(+ : mu)
-      for (int64_t j = 0; j < F; ++j) mu += x[j];
-      mu /= F;
-    }
-    T var = 0;
-#pragma omp simd reduction(+ : var)
-    for (int64_t j = 0; j < F; ++j) {
+    if (n.kind == LN) mu = lane_sum<T>(F, [x](int64_t j) { return x[j]; }) / F;
+    const T var = lane_sum<T>(F, [x, mu](int64_t j) {
       const T d = x[j] - mu;
-      var += d * d;
-    }
+      return d * d;
+    });
     rs = T(1) / std::sqrt(var / F + n.eps);
     if (n.mean) n.mean[r] = mu;
     n.rstd[r] = rs;
