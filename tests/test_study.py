@@ -303,13 +303,22 @@ def _curves(*arms: list[float]) -> dict[str, list[list[tuple[float, float, float
 
 
 def test_zoom_range_frames_where_the_arms_end_when_an_early_point_stretches_the_axis() -> None:
-    # best 1.5; the finals 1.5 and 1.55 have median 1.525: a window 4 x 0.025 = 0.1 tall above the best, 0.01 below;
+    # best 1.5; the finals 1.5 and 1.55 have median 1.525: 4 x 0.025 = 0.1 tall above the best, plus 0.01 each side;
     # the full range (1.5 to 5.0) is far more than 4 windows, so the plot zooms.
     low, high = zoom_range(_curves([5.0, 2.0, 1.5], [2.0, 1.6, 1.55]), "val/bpc")
-    assert (low, high) == pytest.approx((1.49, 1.6))
+    assert (low, high) == pytest.approx((1.49, 1.61))
     # accuracies: the window lies below the best (0.9; finals 0.9 and 0.86, median 0.88: 0.08 tall).
     low, high = zoom_range(_curves([0.1, 0.7, 0.9], [0.1, 0.6, 0.86]), "val/acc")
-    assert (low, high) == pytest.approx((0.82, 0.908))
+    assert (low, high) == pytest.approx((0.812, 0.908))
+
+
+def test_zoom_range_keeps_every_final_value_near_the_others_and_drops_one_far_behind() -> None:
+    # best 1.50; finals 1.50, 1.51 and 1.58 (median gap 0.01): 1.58 is 8 gaps away, within 10, so the window
+    # reaches it (0.08 tall, not 0.04); with one more final at 1.51 the median gap stays 0.01, and 2.5 (100 gaps) is
+    # left off the axis.
+    arms = [[5.0, 1.50], [2.0, 1.51], [2.0, 1.58]]
+    assert zoom_range(_curves(*arms), "val/bpc") == pytest.approx((1.492, 1.588))
+    assert zoom_range(_curves(*arms, [2.0, 1.51], [3.0, 2.5]), "val/bpc") == pytest.approx((1.492, 1.588))
 
 
 def test_zoom_range_leaves_curves_alone_that_the_full_axis_shows() -> None:

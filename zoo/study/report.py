@@ -119,23 +119,28 @@ def _aggregate(curves: list[Curve]) -> tuple[list[float], ...]:
 
 
 ZOOM_WIDTH = 4.0  # the zoomed window spans this many times the gap between the best value and the median final one
+ZOOM_KEEP = 10.0  # and reaches every arm's final value within this many gaps of the best (further: off the axis)
 ZOOM_WHEN = 4.0  # zoom where the full range of the curves is more than this many windows tall
 
 
 def zoom_range(curves: dict[str, list[Curve]], monitor: str) -> tuple[float, float] | None:
-    """A y-range on where the arms end, or None where the full range already shows it: from the best value of any
-    arm's mean curve, ``ZOOM_WIDTH`` times its gap to the median of the arms' final values (towards worse), plus a tenth
-    of that beyond the best. Early points (a first validation far off) and an arm far behind then leave the axis."""
+    """A y-range on where the arms end, or None where the full range already shows it. From the best value of any
+    arm's mean curve it spans ``ZOOM_WIDTH`` times the gap between that best and the median of the arms' final values
+    (towards worse), widened to every final value within ``ZOOM_KEEP`` gaps, plus a tenth of its height on both sides.
+    Early points (a first validation far off) and an arm far behind then leave the axis."""
     means = [_aggregate(arm_curves)[2] for arm_curves in curves.values() if any(arm_curves)]
     if len(means) < 2:
         return None
     up = higher_is_better(monitor)
     values = [v for mean in means for v in mean]
     best = max(values) if up else min(values)
-    width = ZOOM_WIDTH * abs(statistics.median(mean[-1] for mean in means) - best)
-    if width == 0 or max(values) - min(values) <= ZOOM_WHEN * 1.1 * width:
+    gaps = [abs(mean[-1] - best) for mean in means]
+    gap = statistics.median(gaps)
+    height = max([ZOOM_WIDTH * gap, *(g for g in gaps if g <= ZOOM_KEEP * gap)])
+    if gap == 0 or max(values) - min(values) <= ZOOM_WHEN * 1.2 * height:
         return None
-    return (best - width, best + 0.1 * width) if up else (best - 0.1 * width, best + width)
+    pad = 0.1 * height
+    return (best - height - pad, best + pad) if up else (best - pad, best + height + pad)
 
 
 def plot_curves(curves: dict[str, list[Curve]], monitor: str, title: str, colors: dict[str, Any], path: Path) -> None:
