@@ -164,6 +164,34 @@ def test_extension_inference_equals_steps(variant, options, training, dtype, mon
             assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("variant", ["ln_lstm", "rms_lstm", "ln_gru", "rms_gru"])
+def test_extension_row_norms_over_wide_rows_equal_steps(variant, dtype, monkeypatch) -> None:
+    """Rows wider than the row statistics' partial sums (`lane_sum`: 64 float32 or 32 float64 lanes), with a
+    remainder: 40 units make LSTM gate rows of 160 and GRU rows of 80 and 40. Outputs and every gradient equal the
+    step-by-step engine's."""
+    torch.manual_seed(0)
+    hidden = 40
+    base = zoo.nn.RNN(variant, IN, hidden).to(dtype)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    steps = copy.deepcopy(base)
+    steps.fused = False
+    x = torch.randn(T, B, IN, dtype=dtype)
+    state = [torch.randn(1, B, hidden, dtype=dtype) for _ in range(states(variant))]
+    proj = torch.randn(T, B, hidden, dtype=dtype)
+    spy = Spy(monkeypatch)
+    results = [run(rnn, x, state, proj, LENGTHS, monkeypatch, ext=k == 0) for k, rnn in enumerate((base, steps))]
+    assert spy.forward == spy.backward == 1
+    flat = [[r[0], *r[1], *r[2]] for r in results]
+    for a, b in zip(*flat, strict=True):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        else:
+            assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)
 def test_extension_gradcheck(variant, options, training, monkeypatch) -> None:
