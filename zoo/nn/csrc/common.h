@@ -29,6 +29,11 @@ namespace {
 using at::Tensor;
 using OptT = std::optional<Tensor>;
 
+// The element-wise helpers below are inlined into the loops that call them, however deep those are nested (lambdas
+// included): a call would keep a loop from vectorizing.
+#define ZOO_INLINE inline __attribute__((always_inline))
+#define ZOO_LAMBDA __attribute__((always_inline))
+
 enum Kind : int64_t { NONE = 0, LN = 1, RMS = 2, BN_TRAIN = 3, AFFINE = 4 };  // (Python: ext.Kind.<name>)
 
 // One normalization's configuration for a whole sequence (built once per FusedLSTM call).
@@ -76,7 +81,7 @@ using Buffer = std::vector<T, Aligned64<T>>;
 // 1.5·2^23 trick, ln2 split in two so k·ln2 is exact), exp(r) by its degree-6 Taylor polynomial (relative error below
 // 2e-7, about 2 ulp), times 2^k built in the exponent bits. x is clamped to [-87.3, 88.7], where 2^k stays normal:
 // exp(-100) gives 1.2e-38 instead of 3.7e-44, which no sigmoid notices. A NaN stays NaN.
-inline float exp_approx(float x) {
+ZOO_INLINE float exp_approx(float x) {
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.7f ? 88.7f : x;
   const float k = (x * 1.44269504f + 12582912.f) - 12582912.f;
@@ -94,11 +99,11 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
-inline float exp_of(float x) { return exp_approx(x); }
-inline double exp_of(double x) { return std::exp(x); }
+ZOO_INLINE float exp_of(float x) { return exp_approx(x); }
+ZOO_INLINE double exp_of(double x) { return std::exp(x); }
 
 template <typename T>
-inline T sigm(T x) {
+ZOO_INLINE T sigm(T x) {
   return T(1) / (T(1) + exp_of(-x));
 }
 

@@ -37,10 +37,13 @@ struct LstmForwardRows {
     if (zs == zp) zs = nullptr;
   }
 
-  void gates(int64_t r) const {  // s = σ(s + u·scale); c = f ⊙ c_{t-1} + i ⊙ (2σ(2g) − 1)
+  // s = σ(pre + u·scale) with pre(j) the scaled N_h(z) of row r; c = f ⊙ c_{t-1} + i ⊙ (2σ(2g) − 1). pre may read
+  // s's row itself (in inference z lies in s): each element is read before it is written.
+  template <typename Pre>
+  ZOO_INLINE void gates(int64_t r, Pre pre) const {
     T* __restrict sr = sp + r * G;
     const T* __restrict ur = up + r * G;
-    for (int64_t j = 0; j < G; ++j) sr[j] = sigm(sr[j] + ur[j] * gs[j]);
+    for (int64_t j = 0; j < G; ++j) sr[j] = sigm(pre(j) + ur[j] * gs[j]);
     const T* __restrict i = sr;
     const T* __restrict f = sr + H;
     const T* __restrict g = sr + 2 * H;
@@ -48,25 +51,38 @@ struct LstmForwardRows {
     T* __restrict cr = cp + r * H;
     for (int64_t j = 0; j < H; ++j) cr[j] = (i[j] * g[j] * T(2) - i[j]) + f[j] * cpr[j];
   }
+  void gates(int64_t r) const {  // (the scaled N_h(z) already in s)
+    const T* sr = sp + r * G;
+    gates(r, [sr](int64_t j) ZOO_LAMBDA { return sr[j]; });
+  }
 
-  void output(int64_t r) const {  // sc = σ(2 N_c(c)); h = o ⊙ (2 sc − 1)
+  // sc = σ(pre), pre(j) being 2 N_c(c) of row r; h = o ⊙ (2 sc − 1)
+  template <typename Pre>
+  ZOO_INLINE void output(int64_t r, Pre pre) const {
     const T* __restrict o = sp + r * G + 3 * H;
     T* __restrict scr = scp + r * H;
     T* __restrict hr = hp + r * H;
     for (int64_t j = 0; j < H; ++j) {
-      const T v = sigm(scr[j]);
+      const T v = sigm(pre(j));
       scr[j] = v;
       hr[j] = o[j] * v * T(2) - o[j];
     }
   }
+  void output(int64_t r) const {  // (2 N_c(c) already in sc)
+    const T* sr = scp + r * H;
+    output(r, [sr](int64_t j) ZOO_LAMBDA { return sr[j]; });
+  }
 
-  // All of row r with row-local norms, in one pass.
+  // All of row r with row-local norms, in one pass: each norm's statistics, then its output consumed as it is
+  // computed, never stored.
   void row(const RowNorm<T>& rh, const RowNorm<T>& rc, int64_t r) const {
-    if (zs) std::copy(zp + r * G, zp + (r + 1) * G, zs + r * G);
-    row_forward<T>(rh, zp + r * G, sp + r * G, G, r);  // N_h(z)·scale into s
-    gates(r);
-    row_forward<T>(rc, cp + r * H, scp + r * H, H, r);  // 2 N_c(c) into sc
-    output(r);
+    const T* z = zp + r * G;
+    if (zs) std::copy(z, z + G, zs + r * G);
+    const auto [mh, rsh] = row_stats<T>(rh, z, G, r);
+    with_row_value<T>(rh, z, mh, rsh, [&](auto pre) ZOO_LAMBDA { gates(r, pre); });
+    const T* c = cp + r * H;
+    const auto [mc, rsc] = row_stats<T>(rc, c, H, r);
+    with_row_value<T>(rc, c, mc, rsc, [&](auto pre) ZOO_LAMBDA { output(r, pre); });
   }
 };
 

@@ -42,36 +42,47 @@ RowNorm<T> row_norm(Norm& n, int64_t t, int64_t save_off, int64_t F, Buffer<T>& 
   return r;
 }
 
-// y = (x − mu)·rs·fw + fb for one row of F features (the parts that are absent are skipped).
-template <typename T>
-inline void row_apply(const RowNorm<T>& n, const T* x, T* y, int64_t F, T mu, T rs) {
+// Calls body(value) with value(j) = (x[j] − mu)·rs·fw[j] + fb[j] for one row (the parts that are absent left out),
+// so that a loop over j may consume the normalized row without storing it first.
+template <typename T, typename Body>
+inline void with_row_value(const RowNorm<T>& n, const T* x, T mu, T rs, Body body) {
   const T* __restrict fw = n.fw;
   const T* __restrict fb = n.fb;
-  if (fw && fb) {
-    for (int64_t j = 0; j < F; ++j) y[j] = (x[j] - mu) * rs * fw[j] + fb[j];
-  } else if (fw) {
-    for (int64_t j = 0; j < F; ++j) y[j] = (x[j] - mu) * rs * fw[j];
-  } else if (fb) {
-    for (int64_t j = 0; j < F; ++j) y[j] = (x[j] - mu) * rs + fb[j];
-  } else if (mu != T(0) || rs != T(1) || x != y) {
-    for (int64_t j = 0; j < F; ++j) y[j] = (x[j] - mu) * rs;
-  }
+  if (fw && fb) body([=](int64_t j) ZOO_LAMBDA { return (x[j] - mu) * rs * fw[j] + fb[j]; });
+  else if (fw) body([=](int64_t j) ZOO_LAMBDA { return (x[j] - mu) * rs * fw[j]; });
+  else if (fb) body([=](int64_t j) ZOO_LAMBDA { return (x[j] - mu) * rs + fb[j]; });
+  else body([=](int64_t j) ZOO_LAMBDA { return (x[j] - mu) * rs; });
+}
+
+// y = (x − mu)·rs·fw + fb for one row of F features (nothing where that is x itself).
+template <typename T>
+inline void row_apply(const RowNorm<T>& n, const T* x, T* y, int64_t F, T mu, T rs) {
+  if (!n.fw && !n.fb && mu == T(0) && rs == T(1) && x == y) return;
+  with_row_value(n, x, mu, rs, [&](auto value) ZOO_LAMBDA {
+    for (int64_t j = 0; j < F; ++j) y[j] = value(j);
+  });
+}
+
+// The statistics (mean, rstd) of row r of a step (F features) under N: LN/RMS compute them and save them in slot r;
+// the other kinds have none (0, 1).
+template <typename T>
+inline std::pair<T, T> row_stats(const RowNorm<T>& n, const T* x, int64_t F, int64_t r) {
+  if (n.kind != LN && n.kind != RMS) return {T(0), T(1)};
+  const T mu = n.kind == LN ? lane_sum<T>(F, [x](int64_t j) { return x[j]; }) / F : T(0);
+  const T var = lane_sum<T>(F, [x, mu](int64_t j) {
+    const T d = x[j] - mu;
+    return d * d;
+  });
+  const T rs = T(1) / std::sqrt(var / F + n.eps);
+  if (n.mean) n.mean[r] = mu;
+  n.rstd[r] = rs;
+  return {mu, rs};
 }
 
 // y = N(x) for row r of a step (F features); LN/RMS save the row's statistics in slot r.
 template <typename T>
 inline void row_forward(const RowNorm<T>& n, const T* x, T* y, int64_t F, int64_t r) {
-  T mu = 0, rs = 1;
-  if (n.kind == LN || n.kind == RMS) {
-    if (n.kind == LN) mu = lane_sum<T>(F, [x](int64_t j) { return x[j]; }) / F;
-    const T var = lane_sum<T>(F, [x, mu](int64_t j) {
-      const T d = x[j] - mu;
-      return d * d;
-    });
-    rs = T(1) / std::sqrt(var / F + n.eps);
-    if (n.mean) n.mean[r] = mu;
-    n.rstd[r] = rs;
-  }
+  const auto [mu, rs] = row_stats(n, x, F, r);
   row_apply(n, x, y, F, mu, rs);
 }
 
