@@ -94,6 +94,14 @@ def run(rnn, x, state, proj, lengths, monkeypatch, ext: bool):
     return out, final, grads, [b.clone() for b in rnn.buffers()]
 
 
+def assert_close(a: torch.Tensor, b: torch.Tensor, name: str = "") -> None:
+    """float64: equal to 1e-9; float32: within 5e-4 of b's norm (as test_nn_fused's float32 check)."""
+    if a.dtype == torch.float64:
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    else:
+        assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6, name
+
+
 @pytest.mark.parametrize("chunk", [1024, 6], ids=["one-chunk", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
@@ -126,10 +134,7 @@ def test_extension_equals_python_and_steps(variant, options, training, lengths, 
     flat = [[*r[0:1], *r[1], *r[2], *r[3]] for r in results]
     for other in flat[1:]:
         for name, a, b in zip(names, flat[0], other, strict=True):
-            if dtype == torch.float64:
-                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
-            else:  # float32: every tensor within 5e-4 of its norm (as test_nn_fused's float32 check)
-                assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6, name
+            assert_close(a, b, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -155,13 +160,10 @@ def test_extension_inference_equals_steps(variant, options, training, dtype, mon
         results.append((out, final, [b.clone() for b in rnn.buffers()]))
     calls = 0 if base.cells[0].native else 4
     assert spy.forward == spy.inference == calls and spy.backward == 0
-    if dtype == torch.float64:
-        torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-10)
-    else:  # float32: as test_extension_equals_python_and_steps
-        (out, final, buffers), (rout, rfinal, rbuffers) = results
-        final, rfinal = (final, rfinal) if isinstance(final, tuple) else ((final,), (rfinal,))
-        for a, b in zip([out, *final, *buffers], [rout, *rfinal, *rbuffers], strict=True):
-            assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6
+    (out, final, buffers), (rout, rfinal, rbuffers) = results
+    final, rfinal = (final, rfinal) if isinstance(final, tuple) else ((final,), (rfinal,))
+    for a, b in zip([out, *final, *buffers], [rout, *rfinal, *rbuffers], strict=True):
+        assert_close(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -186,10 +188,7 @@ def test_extension_row_norms_over_wide_rows_equal_steps(variant, dtype, monkeypa
     assert spy.forward == spy.backward == 1
     flat = [[r[0], *r[1], *r[2]] for r in results]
     for a, b in zip(*flat, strict=True):
-        if dtype == torch.float64:
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-        else:
-            assert (a - b).norm() <= 5e-4 * b.norm() + 1e-6
+        assert_close(a, b)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
