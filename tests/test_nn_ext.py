@@ -137,6 +137,33 @@ def test_extension_equals_python_and_steps(variant, options, training, lengths, 
             assert_close(a, b, name)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+def test_weight_gradient_products_through_either_library(onednn: bool, monkeypatch) -> None:
+    """`outer` and `outer_add` (oneDNN on AVX-512 CPUs other than Intel's, MKL elsewhere) give ``a.T @ b``, and a
+    float32 training step's W_h gradient, taken in chunks, equals the step-by-step engine's through either."""
+    monkeypatch.setattr(fused_module.gemm, "_onednn_outer_cpu", lambda: onednn)
+    torch.manual_seed(0)
+    a, b = torch.randn(37, 20), torch.randn(37, 6)
+    assert fused_module.gemm._outer_onednn(a) == (onednn and torch.backends.mkldnn.is_available())
+    torch.testing.assert_close(fused_module.outer(a, b), a.t() @ b)
+    out = fused_module.outer(a, b)
+    fused_module.outer_add(out, a[:9], b[:9])
+    torch.testing.assert_close(out, a.t() @ b + a[:9].t() @ b[:9])
+    monkeypatch.setattr(fused_module.OuterSum.__init__, "__defaults__", (6,))
+    for variant in ("ln_lstm", "ln_gru"):
+        base = zoo.nn.RNN(variant, IN, H, num_layers=2, bidirectional=True)
+        steps = copy.deepcopy(base)
+        steps.fused = False
+        x = torch.randn(T, B, IN)
+        state = [torch.randn(4, B, H) for _ in range(states(variant))]
+        proj = torch.randn(T, B, 2 * H)
+        got = run(base, x, state, proj, LENGTHS, monkeypatch, ext=True)[2]
+        want = run(steps, x, state, proj, LENGTHS, monkeypatch, ext=False)[2]
+        for name, g, w in zip(["input", "h0", "c0"][: 1 + len(state)] + [n for n, _ in base.named_parameters()],
+                              got, want, strict=True):  # fmt: skip
+            assert_close(g, w, f"{variant} {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=IDS)

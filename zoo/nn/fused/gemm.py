@@ -4,6 +4,7 @@ weight blocks (`Panels`), and outer products into the weight gradients."""
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -75,15 +76,30 @@ def _onednn(t: Tensor) -> bool:
 
 
 @functools.cache
-def _avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+def _onednn_outer_cpu() -> bool:
+    """Whether this CPU takes the weight gradients through oneDNN rather than MKL: AVX-512 on a CPU not Intel's, where
+    MKL measured at half oneDNN's speed (AMD EPYC Zen 4). On Intel's AVX-512 CPUs MKL's in-place
+    `torch.Tensor.addmm_` is the faster one (a Xeon: 230 GFLOP/s against 145 for oneDNN's product plus the add, one
+    1024-row chunk of W_h's gradient at 1000 units on 2 cores), and on AVX2 CPUs MKL leads too (Zen 3: 1.15-1.7x)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and _cpu_vendor() != "GenuineIntel"
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), from /proc/cpuinfo, else `platform`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "GenuineIntel" if "Intel" in platform.processor() else platform.processor()
 
 
 def _outer_onednn(t: Tensor) -> bool:
-    """Whether `outer` goes through oneDNN for ``t``: float32 on a CPU with AVX-512, where MKL (`torch.mm`) runs these
-    shapes at about half of oneDNN's speed (AMD EPYC, Zen 4). On an AVX2 CPU (Zen 3) MKL is the faster one, by
-    1.15–1.7× (`benchmarks/speed.py`'s weight gradients)."""
-    return _onednn(t) and _avx512()
+    """Whether `outer` goes through oneDNN for ``t``: float32 on a CPU where oneDNN is the faster
+    (`_onednn_outer_cpu`)."""
+    return _onednn(t) and _onednn_outer_cpu()
 
 
 def outer(a: Tensor, b: Tensor) -> Tensor:
