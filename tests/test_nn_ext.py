@@ -522,13 +522,14 @@ def test_autocast_bf16_runs_the_recurrent_products_in_bf16(extension, variant, m
     it in float32; the outputs and gradients stay float32 and within bfloat16 rounding of the float32 run."""
     _amx(extension)
     dtypes = []
-    real = fused_module.Panels.__init__
 
-    def spy(self, ext, weight, bf16=False):
-        real(self, ext, weight, bf16)
-        dtypes.append(self.packed.dtype)
+    class Spy(fused_module.Panels):  # the recurrences' weights (the input term's projection stays float32)
+        def __init__(self, ext, weight, bf16=False):
+            super().__init__(ext, weight, bf16)
+            dtypes.append(self.packed.dtype)
 
-    monkeypatch.setattr(fused_module.Panels, "__init__", spy)
+    for module in (fused_module.lstm, fused_module.gru):
+        monkeypatch.setattr(module, "Panels", Spy)
     torch.manual_seed(0)
     options = {"max_steps": T} if variant == "bn_lstm" else {}
     rnn = zoo.nn.RNN(variant, IN, 16, num_layers=2, **options)

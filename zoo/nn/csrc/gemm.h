@@ -1,4 +1,4 @@
-// The recurrent GEMM (brgemm over packed blocks of W) and the input term's GEMM.
+// The GEMMs of the recurrence and of the input term: brgemm over packed blocks of W.
 #pragma once
 
 #include "common.h"
@@ -46,11 +46,20 @@ Tensor pack_panels(const Tensor& w, bool bf16) {
               "weight, not ", w.sizes(), " ", w.scalar_type());
   TORCH_CHECK(!bf16 || bf16_blocks_supported(), "pack_panels: bfloat16 blocks need oneDNN's packing (AMX)");
   const int64_t N = w.size(0), K = w.size(1), P = blocks(N), Kp = bf16 ? K + (K & 1) : K;
-  Tensor out = at::zeros({P, Kp, kBlock}, w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t cols = std::min(kBlock, N - p * kBlock);
-    out[p].narrow(0, 0, K).narrow(1, 0, cols).copy_(w.narrow(0, p * kBlock, cols).t());
-  }
+  const int64_t sn = w.stride(0), sk = w.stride(1);
+  Tensor packed = at::empty({P, Kp, kBlock}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {  // plain loops: one ATen copy per block cost more
+    for (int64_t p = p0; p < p1; ++p) {
+      float* b = dst + p * Kp * kBlock;
+      const int64_t cols = std::min(kBlock, N - p * kBlock);
+      for (int64_t k = 0; k < Kp; ++k)
+        for (int64_t j = 0; j < kBlock; ++j)
+          b[k * kBlock + j] = k < K && j < cols ? src[(p * kBlock + j) * sn + k * sk] : 0.f;
+    }
+  });
+  Tensor out = bf16 ? packed.to(at::kBFloat16) : packed;
 #if ZOO_BRGEMM
   if (bf16) {
     Tensor vnni = at::empty_like(out);
@@ -99,12 +108,12 @@ void panels_gemm(const float* a, int64_t M, const Blocks& w, int64_t N, float* c
 }
 #endif  // ZOO_BRGEMM
 
-// out = x @ W.T (+ out where `add`) for the recurrence: brgemm where W's blocks are given (float32 x), else
-// at::mm. x and out: contiguous rows.
-void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, const Tensor& out, bool add) {
+// out = x @ W.T (+ out where `add`), the recurrence's and the input term's: brgemm where W's blocks are given
+// (float32 x), else at::mm. x and out: contiguous rows.
+void gemm_rows(const Tensor& x, const Tensor& weight, const OptT& panels, const Tensor& out, bool add) {
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.size(0) == out.size(0) && x.size(1) == weight.size(1) &&
                   out.size(1) == weight.size(0),
-              "lstm_step: recurrent GEMM of ", x.sizes(), " by ", weight.sizes(), " into ", out.sizes());
+              "lstm_step: GEMM of ", x.sizes(), " by ", weight.sizes(), " into ", out.sizes());
   if (panels.has_value() && panels->defined()) {
     TORCH_CHECK(ZOO_BRGEMM, "lstm_step: built without brgemm (an x86-64 build has it)");
     TORCH_CHECK(x.scalar_type() == at::kFloat, "lstm_step: packed blocks for float32 only");
@@ -122,21 +131,8 @@ void recurrent_gemm(const Tensor& x, const Tensor& weight, const OptT& panels, c
 // out = x @ W.T through the pybind interface (tests and benchmarks of the kernel).
 Tensor panels_mm(const Tensor& x, const Tensor& weight, OptT panels) {
   Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
-  recurrent_gemm(x.contiguous(), weight, panels, out, false);
+  gemm_rows(x.contiguous(), weight, panels, out, false);
   return out;
-}
-
-// The input term's GEMM x @ W.T: oneDNN's linear with the weight prepacked by torch.ops.mkldnn._reorder_linear_weight
-// (`packed`), else at::mm with the plain weight (out, in).
-Tensor gemm(const Tensor& x, const Tensor& weight, const OptT& packed) {
-  if (packed.has_value() && packed->defined()) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-                         .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
-                                       c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>)>();
-    return op.call(x, *packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-  }
-  return at::mm(x, weight.t());
 }
 
 }  // namespace

@@ -23,7 +23,7 @@ void gru_forward_loop(Norm& nrz, Norm& nn, const Tensor& weight, OptT panels, co
       const int64_t bs = batch_sizes[t], so = train ? off[t] : 0;
       const T* hprev = t ? h.data_ptr<T>() + off[t - 1] * H : h0.data_ptr<T>();
       const Tensor at = save ? a_save->narrow(0, off[t], bs) : scratch.narrow(0, 0, bs);  // a, kept in training
-      recurrent_gemm(t ? h.narrow(0, off[t - 1], bs) : h0, weight, panels, at, false);
+      gemm_rows(t ? h.narrow(0, off[t - 1], bs) : h0, weight, panels, at, false);
       const T* ap = at.data_ptr<T>();
       const T* up = u.data_ptr<T>() + off[t] * G;
       T* rzp = rz.data_ptr<T>() + so * 2 * H;
@@ -120,7 +120,7 @@ void gru_backward_loop(Norm& nrz, Norm& nn, const Tensor& weight_t, OptT panels_
       prz.finish();
       pn.finish();
       if (dsum) pbhn.add_to(dbhn->data_ptr<T>());
-      recurrent_gemm(da_buf.narrow(0, o - off[t_lo], bs), weight_t, panels_t, dh_carry.narrow(0, 0, bs), true);
+      gemm_rows(da_buf.narrow(0, o - off[t_lo], bs), weight_t, panels_t, dh_carry.narrow(0, 0, bs), true);
     }
   });
 }

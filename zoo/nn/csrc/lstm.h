@@ -262,7 +262,7 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t bs = batch_sizes[t], prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
       const Tensor zt = keep_z ? z_save->narrow(0, off[t], bs) : s.narrow(0, so, bs);
-      recurrent_gemm(t ? h.narrow(0, prev, bs) : h0, weight, panels, zt, false);
+      gemm_rows(t ? h.narrow(0, prev, bs) : h0, weight, panels, zt, false);
       forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, so);
     }
     return;
@@ -312,7 +312,7 @@ void backward_loop(Norm& nh, Norm& nc, const Tensor& weight_t, OptT panels_t, co
       const Tensor dzt = chunk ? dz_buf->narrow(0, off[t] - off[t_lo], bs) : du.narrow(0, off[t], bs);
       backward_step(nh, nc, s, sc, c, c0, z, dout, dh_carry, dc_carry, du, chunk ? OptT(dzt) : OptT(), work, t,
                     off[t], t ? off[t - 1] : -1, bs);
-      recurrent_gemm(dzt, weight_t, panels_t, dh_carry.narrow(0, 0, bs), false);
+      gemm_rows(dzt, weight_t, panels_t, dh_carry.narrow(0, 0, bs), false);
     }
     return;
   }

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..norm import MaskedBatchNorm
 from . import common
 from .common import _grads, recording
-from .gemm import Linear, outer
+from .gemm import Linear, Panels, outer
 from .step_norm import StepNorm, _extension
 
 
@@ -50,10 +50,11 @@ def normalize_input(
 
 
 class _InputNorm(torch.autograd.Function):
-    """`normalize_input`'s node: the projection through oneDNN, then the compiled `norm_rows` kernels on the
-    ``(T·B, F)`` rows (a batch norm with per-step statistics: one group of B rows per step). The forward projects and
-    normalizes a block of about `common.BLOCK` elements at a time while it is in cache, except for a batch norm whose
-    statistics span all rows."""
+    """`normalize_input`'s node: the projection, then the compiled `norm_rows` kernels on the ``(T·B, F)`` rows (a
+    batch norm with per-step statistics: one group of B rows per step). The forward projects and normalizes a block of
+    about `common.BLOCK` elements at a time while it is in cache (the projection through brgemm over the weight's
+    `Panels`, as the recurrent GEMM, written straight into the kept projection where it is kept; float64: ATen's
+    GEMM), except for a batch norm whose statistics span all rows (oneDNN's linear over all rows first)."""
 
     @staticmethod
     def forward(ctx, x, proj, weight, shift, norm: StepNorm, ext, recompute: bool, grad: bool):
@@ -87,8 +88,9 @@ class _InputNorm(torch.autograd.Function):
             keep = not recompute and recording(ctx, grad)  # (inference: no projection to keep)
             p = x.new_empty(rows.shape[0], features) if keep else None
             y = x.new_empty(steps, batch, features)
-            packed = _InputNorm.block_weight(proj, rows.shape[0], batch)
-            ext.norm_rows_project(n, rows, proj, packed, y.view(-1, features), groups, p, common.BLOCK)
+            ext.norm_rows_project(
+                n, rows, proj, Panels(ext, proj).packed, y.view(-1, features), groups, p, common.BLOCK
+            )
         else:
             p = rows if proj is None else Linear(proj, rows.shape[0])(rows)
             y = x.new_empty(steps, batch, features)
@@ -107,8 +109,8 @@ class _InputNorm(torch.autograd.Function):
         dy = dy.contiguous().view(rows.shape[0], -1)
         if ctx.blocked and p is None:  # the projection recomputed a block at a time
             dp = torch.empty_like(dy)
-            packed = _InputNorm.block_weight(proj, rows.shape[0], x.shape[1])
-            ctx.ext.norm_rows_project_backward(n, dy, rows, proj, packed, dp, ctx.groups, common.BLOCK)
+            panels = Panels(ctx.ext, proj).packed
+            ctx.ext.norm_rows_project_backward(n, dy, rows, proj, panels, dp, ctx.groups, common.BLOCK)
         else:
             if proj is None:
                 p = rows
@@ -121,9 +123,3 @@ class _InputNorm(torch.autograd.Function):
         dx = Linear(proj.t().contiguous(), dp.shape[0])(dp).view_as(x) if ctx.needs_input_grad[0] else None
         dproj = outer(dp, rows) if ctx.needs_input_grad[1] else None
         return _grads(ctx, dx, dproj, n.dw, n.db)
-
-    @staticmethod
-    def block_weight(proj: Tensor, rows: int, batch: int) -> Tensor | None:
-        """``proj`` packed for oneDNN's GEMM over blocks of about `common.BLOCK` output elements (at least one step of
-        ``batch`` rows; None where oneDNN does not apply)."""
-        return Linear(proj, min(rows, max(batch, common.BLOCK // proj.shape[0]))).packed
