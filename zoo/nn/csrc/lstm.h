@@ -147,7 +147,7 @@ struct LstmBackwardRows {
         cprev(prev_off < 0 ? c0 : c + prev_off * H), dop(dout ? dout + off * H : nullptr),
         zp(z ? z + off * G : nullptr), dzp(dz), dhp(dh_carry), dcp(dc_carry), dup(du + off * G), wk(work) {}
 
-  void head(int64_t r) const {  // dh; do = dh ⊙ tanh(N_c(c_t)); the gradient of 2 N_c(c_t) into work
+  void head(int64_t r) const {  // dh; do = dh ⊙ tanh(N_c(c_t)) ⊙ σ'(o); the gradient of 2 N_c(c_t) into work
     T* __restrict dh = dhp + r * H;
     const T* __restrict scr = scp + r * H;
     const T* __restrict o = sp + r * G + 3 * H;
@@ -158,12 +158,13 @@ struct LstmBackwardRows {
       for (int64_t j = 0; j < H; ++j) dh[j] += dor_in[j];
     }
     for (int64_t j = 0; j < H; ++j) {
-      dor[j] = (scr[j] * T(2) - T(1)) * dh[j];                   // dh ⊙ tanh(N_c(c_t))
-      dn[j] = (scr[j] - scr[j] * scr[j]) * o[j] * dh[j] * T(4);  // through tanh: 4σ'(2x)
+      dor[j] = (scr[j] * T(2) - T(1)) * dh[j] * (o[j] - o[j] * o[j]);  // dh ⊙ tanh(N_c(c_t)) ⊙ σ'(o)
+      dn[j] = (scr[j] - scr[j] * scr[j]) * o[j] * dh[j] * T(4);         // through tanh: 4σ'(2x)
     }
   }
 
-  void gates(int64_t r) const {  // dc = work + dc_carry; the gate gradients; dc_carry = dc ⊙ f
+  // dc = work + dc_carry; the gate gradients, each times its σ' (the candidate block: 4σ'(2g)); dc_carry = dc ⊙ f
+  void gates(int64_t r) const {
     const T* __restrict sr = sp + r * G;
     T* __restrict dr = dup + r * G;
     const T* __restrict dnr = wk + r * H;
@@ -172,12 +173,11 @@ struct LstmBackwardRows {
     for (int64_t j = 0; j < H; ++j) {
       const T i = sr[j], f = sr[H + j], g = sr[2 * H + j];
       const T dc = dnr[j] + dcr[j];
-      dr[j] = dc * g * T(2) - dc;  // dc ⊙ tanh(g)
-      dr[H + j] = dc * cpr[j];
-      dr[2 * H + j] = dc * i * T(4);
+      dr[j] = (dc * g * T(2) - dc) * (i - i * i);  // dc ⊙ tanh(g)
+      dr[H + j] = dc * cpr[j] * (f - f * f);
+      dr[2 * H + j] = dc * i * T(4) * (g - g * g);
       dcr[j] = dc * f;
     }
-    for (int64_t j = 0; j < G; ++j) dr[j] *= sr[j] - sr[j] * sr[j];  // σ'; the candidate block: 4σ'(2g)
   }
 
   // All of row r with row-local norms, their gain and shift gradients into the partial sums given (or null).

@@ -66,11 +66,11 @@ class StepNorm:
             # of the distinct rows, then the last one repeated
             k = min(steps, bn.max_steps if bn.per_step else 1)
             mean = bn.running_mean[:k].to(like.dtype, copy=True)  # (not a view of the buffer)
-            rstd = torch.rsqrt(bn.running_var[:k].to(like.dtype) + self.eps)
+            rstd = bn.running_var[:k].to(like.dtype).add(self.eps).rsqrt_()
             scale = rstd * self.fwd_weight
-            shift = -mean * scale
-            if self.fwd_bias is not None:
-                shift += self.fwd_bias
+            shift = (
+                torch.mul(mean, scale).neg_() if self.fwd_bias is None else self.fwd_bias.addcmul(mean, scale, value=-1)
+            )
 
             def every_step(x: Tensor) -> Tensor:
                 return x if k == steps else torch.cat([x, x[-1:].expand(steps - k, -1)])
