@@ -477,11 +477,15 @@ def test_extension_is_bitwise_reproducible(variant, options) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     ("rows", "depth", "features"),
-    [(1, 1, 1), (5, 3, 20), (6, 16, 64), (7, 33, 65), (13, 257, 40), (32, 600, 128), (100, 100, 400), (64, 1000, 4000)],
-)
+    [
+        (1, 1, 1), (5, 3, 20), (6, 16, 64), (7, 33, 65), (13, 257, 40), (32, 600, 128), (100, 100, 400),
+        (64, 1000, 4000), (3, 1025, 64), (9, 2500, 130),
+    ],
+)  # fmt: skip
 def test_recurrent_gemm_equals_mm(extension, threads: int, rows: int, depth: int, features: int) -> None:
     """The recurrent GEMM for float32 (brgemm over blocks of 64 features, the threads sharing the blocks) equals
-    torch.mm: full and partial blocks, one block and many, any strides of W; float64 goes to torch.mm."""
+    torch.mm: full and partial blocks, one block and many, depths over 1024 (taken in chunks), any strides of W;
+    float64 goes to torch.mm."""
     x = torch.randn(rows, depth)
     w = torch.randn(features, depth)
     reference = (x.double() @ w.double().t()).float()
@@ -504,10 +508,13 @@ def _amx(extension) -> None:
         pytest.skip("this CPU has no bfloat16 matrix unit oneDNN packs for (AMX): the bfloat16 products do not run")
 
 
-@pytest.mark.parametrize(("rows", "depth", "features"), [(1, 1, 1), (5, 7, 20), (13, 33, 65), (64, 512, 256)])
+@pytest.mark.parametrize(
+    ("rows", "depth", "features"), [(1, 1, 1), (5, 7, 20), (13, 33, 65), (64, 512, 256), (4, 1025, 64), (9, 2501, 70)]
+)
 def test_bf16_blocks_equal_the_products_of_bf16_rounded_operands(extension, rows, depth, features) -> None:
-    """bfloat16 blocks (VNNI, odd depths padded with a zero row): the product of the bfloat16-rounded operands,
-    accumulated in float32, so within float32 rounding of the float64 product of the rounded operands."""
+    """bfloat16 blocks (VNNI, odd depths padded with a zero row; depths over 1024 in even chunks): the product of
+    the bfloat16-rounded operands, accumulated in float32, so within float32 rounding of the float64 product of the
+    rounded operands."""
     _amx(extension)
     x, w = torch.randn(rows, depth), torch.randn(features, depth)
     reference = x.bfloat16().double() @ w.bfloat16().double().t()
