@@ -68,6 +68,92 @@ def _lstm_tile(bs, H, BR: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
+def _row_sum(x):
+    """The sum of each row of a ``(rows, units)`` or ``(rows, gates, units)`` tile."""
+    if len(x.shape) == 3:
+        return tl.sum(tl.sum(x, axis=2), axis=1)
+    else:
+        return tl.sum(x, axis=1)
+
+
+@triton.jit
+def _by_row(v, x):
+    """A per-row vector ``v`` shaped to broadcast against the tile ``x`` (2-d or 3-d)."""
+    if len(x.shape) == 3:
+        return v[:, None, None]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _row_norm(x, m, count, eps, stat_ptr, rstd_ptr, rows, rv, KIND: tl.constexpr):
+    """A row-local norm (LN, RMS) of a tile (``(rows, units)`` or ``(rows, gates, units)``) holding all ``count``
+    features of each row: the normalized tile, its statistics stored; the other kinds: ``x``."""
+    if KIND == 1 or KIND == 2:
+        if KIND == 1:
+            mean = _row_sum(x) / count
+            d = tl.where(m, x - _by_row(mean, x), 0.0)
+            tl.store(stat_ptr + rows, mean, mask=rv)
+        else:
+            d = x
+        rstd = 1.0 / tl.sqrt(_row_sum(d * d) / count + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=rv)
+        return d * _by_row(rstd, x)
+    else:
+        return x
+
+
+@triton.jit
+def _row_hat(x, m, stat_ptr, rstd_ptr, rows, rv, KIND: tl.constexpr):
+    """The normalized tile again from the statistics `_row_norm` stored (the other kinds: ``x``)."""
+    if KIND == 1:
+        mean = tl.load(stat_ptr + rows, mask=rv, other=0.0).to(x.dtype)
+        rstd = tl.load(rstd_ptr + rows, mask=rv, other=0.0).to(x.dtype)
+        return tl.where(m, (x - _by_row(mean, x)) * _by_row(rstd, x), 0.0)
+    elif KIND == 2:
+        rstd = tl.load(rstd_ptr + rows, mask=rv, other=0.0).to(x.dtype)
+        return x * _by_row(rstd, x)
+    else:
+        return x
+
+
+@triton.jit
+def _row_norm_backward(gy, xhat, count, rstd_ptr, rows, rv, KIND: tl.constexpr):
+    """The gradient of x through `_row_norm` (LN, RMS), given that of the normalized tile ``gy`` (its gain applied)
+    and the normalized tile ``xhat`` (`_row_hat`)."""
+    if KIND == 1:
+        gy = gy - _by_row(_row_sum(gy) / count, gy)
+    rstd = tl.load(rstd_ptr + rows, mask=rv, other=0.0).to(xhat.dtype)
+    return (gy - xhat * _by_row(_row_sum(gy * xhat) / count, gy)) * _by_row(rstd, gy)
+
+
+@triton.jit
+def _batch_norm(x, m, bs, eps, mean_ptr, rstd_ptr, off, mask, update, rm_ptr, rv_ptr, momentum, ACC: tl.constexpr):
+    """A training batch norm of a tile holding all ``bs`` rows of the step on its first axis (any rank): each
+    feature's statistics over the rows, stored at ``off`` (and, with ``update``, the running ones moved); returns
+    (x − mean) · rstd, zero outside ``m``."""
+    mean = tl.sum(x, axis=0) / bs
+    d = tl.where(m, x - tl.expand_dims(mean, 0), 0.0)
+    var = tl.sum(d * d, axis=0) / bs
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + off, mean, mask=mask)
+    tl.store(rstd_ptr + off, rstd, mask=mask)
+    if update != 0:
+        _move_running(rm_ptr, rv_ptr, off, mask, mean, var, bs, momentum, ACC)
+    return d * tl.expand_dims(rstd, 0)
+
+
+@triton.jit
+def _batch_norm_backward(gy, x, m, bs, mean_ptr, rstd_ptr, off, mask, ACC: tl.constexpr):
+    """The gradient of x through `_batch_norm`, given that of its output ``gy`` (the gain applied)."""
+    mean = tl.expand_dims(tl.load(mean_ptr + off, mask=mask, other=0.0).to(ACC), 0)
+    rstd = tl.expand_dims(tl.load(rstd_ptr + off, mask=mask, other=0.0).to(ACC), 0)
+    xhat = tl.where(m, (x - mean) * rstd, 0.0)
+    dx = gy - tl.expand_dims(tl.sum(gy, axis=0), 0) / bs - xhat * tl.expand_dims(tl.sum(gy * xhat, axis=0) / bs, 0)
+    return dx * rstd
+
+
+@triton.jit
 def lstm_forward(
     z_ptr, u_ptr, cp_ptr, h_ptr, c_ptr, s_ptr, tc_ptr, hl_ptr,
     wh_ptr, bh_ptr, wc_ptr, bc_ptr,
@@ -87,28 +173,10 @@ def lstm_forward(
     rows, js, gates, rv, jv, m2, m3, col, colm, off3 = _lstm_tile(bs, H, BR, BJ)
     z = tl.load(z_ptr + off3, mask=m3, other=0.0).to(ACC)
     # ---- N_h(z)
-    if KH == 1 or KH == 2:
-        if KH == 1:
-            mean = tl.sum(tl.sum(z, axis=2), axis=1) / (4 * H)
-            d = tl.where(m3, z - mean[:, None, None], 0.0)
-            tl.store(mh_ptr + rows, mean, mask=rv)
-        else:
-            d = z
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=2), axis=1) / (4 * H) + eps_h)
-        tl.store(rh_ptr + rows, rstd, mask=rv)
-        y = d * rstd[:, None, None]
-    elif KH == 3:
-        mean = tl.sum(z, axis=0) / bs
-        d = tl.where(m3, z - mean[None, :, :], 0.0)
-        var = tl.sum(d * d, axis=0) / bs
-        rstd = 1.0 / tl.sqrt(var + eps_h)
-        tl.store(mh_ptr + col, mean, mask=colm)
-        tl.store(rh_ptr + col, rstd, mask=colm)
-        if update != 0:
-            _move_running(rmh_ptr, rvh_ptr, col, colm, mean, var, bs, momentum, ACC)
-        y = d * rstd[None, :, :]
+    if KH == 3:
+        y = _batch_norm(z, m3, bs, eps_h, mh_ptr, rh_ptr, col, colm, update, rmh_ptr, rvh_ptr, momentum, ACC)
     else:
-        y = z
+        y = _row_norm(z, m3, 4 * H, eps_h, mh_ptr, rh_ptr, rows, rv, KH)
     if KH == 1 or KH == 2 or KH == 3 or KH == 4:
         y = y * tl.load(wh_ptr + col, mask=colm, other=0.0).to(ACC)[None, :, :]
         if HAS_BH:
@@ -120,20 +188,10 @@ def lstm_forward(
     cp = tl.load(cp_ptr + off2, mask=m2, other=0.0).to(ACC)
     c = tl.where(m2, f * cp + i * g, 0.0)
     # ---- N_c(c)
-    if KC == 1 or KC == 2:
-        yc = _row_norm(c, m2, H, eps_c, mc_ptr, rc_ptr, rows, rv, KC)
-    elif KC == 3:
-        mean_c = tl.sum(c, axis=0) / bs
-        dc = tl.where(m2, c - mean_c[None, :], 0.0)
-        var_c = tl.sum(dc * dc, axis=0) / bs
-        rstd_c = 1.0 / tl.sqrt(var_c + eps_c)
-        tl.store(mc_ptr + js, mean_c, mask=jv)
-        tl.store(rc_ptr + js, rstd_c, mask=jv)
-        if update != 0:
-            _move_running(rmc_ptr, rvc_ptr, js, jv, mean_c, var_c, bs, momentum, ACC)
-        yc = dc * rstd_c[None, :]
+    if KC == 3:
+        yc = _batch_norm(c, m2, bs, eps_c, mc_ptr, rc_ptr, js, jv, update, rmc_ptr, rvc_ptr, momentum, ACC)
     else:
-        yc = c
+        yc = _row_norm(c, m2, H, eps_c, mc_ptr, rc_ptr, rows, rv, KC)
     if KC == 1 or KC == 2 or KC == 3 or KC == 4:
         yc = yc * tl.load(wc_ptr + js, mask=jv, other=0.0).to(ACC)[None, :]
         if HAS_BC:
@@ -178,21 +236,10 @@ def lstm_backward(
         gy = dn
     if KC == 1 or KC == 2:
         c = tl.load(c_ptr + off2, mask=m2, other=0.0).to(ACC)
-        rstd_c = tl.load(rc_ptr + rows, mask=rv, other=0.0).to(ACC)
-        if KC == 1:
-            mean_c = tl.load(mc_ptr + rows, mask=rv, other=0.0).to(ACC)
-            xhat = tl.where(m2, (c - mean_c[:, None]) * rstd_c[:, None], 0.0)
-            gy = gy - (tl.sum(gy, axis=1) / H)[:, None]
-        else:
-            xhat = c * rstd_c[:, None]
-        dc = (gy - xhat * (tl.sum(gy * xhat, axis=1) / H)[:, None]) * rstd_c[:, None]
+        dc = _row_norm_backward(gy, _row_hat(c, m2, mc_ptr, rc_ptr, rows, rv, KC), H, rc_ptr, rows, rv, KC)
     elif KC == 3:
         c = tl.load(c_ptr + off2, mask=m2, other=0.0).to(ACC)
-        mean_c = tl.load(mc_ptr + js, mask=jv, other=0.0).to(ACC)
-        rstd_c = tl.load(rc_ptr + js, mask=jv, other=0.0).to(ACC)
-        xhat = tl.where(m2, (c - mean_c[None, :]) * rstd_c[None, :], 0.0)
-        dc = gy - tl.sum(gy, axis=0)[None, :] / bs - xhat * (tl.sum(gy * xhat, axis=0) / bs)[None, :]
-        dc = dc * rstd_c[None, :]
+        dc = _batch_norm_backward(gy, c, m2, bs, mc_ptr, rc_ptr, js, jv, ACC)
     else:
         dc = gy
     dc = tl.where(m2, dc + tl.load(dcc_ptr + off2, mask=m2, other=0.0).to(ACC), 0.0)
@@ -211,46 +258,16 @@ def lstm_backward(
         gz = du * tl.load(wh_ptr + col, mask=colm, other=0.0).to(ACC)[None, :, :]
         if KH == 1 or KH == 2:
             z = tl.load(z_ptr + off3, mask=m3, other=0.0).to(ACC)
-            rstd = tl.load(rh_ptr + rows, mask=rv, other=0.0).to(ACC)
-            if KH == 1:
-                mean = tl.load(mh_ptr + rows, mask=rv, other=0.0).to(ACC)
-                zhat = tl.where(m3, (z - mean[:, None, None]) * rstd[:, None, None], 0.0)
-                gz = gz - (tl.sum(tl.sum(gz, axis=2), axis=1) / (4 * H))[:, None, None]
-            else:
-                zhat = z * rstd[:, None, None]
-            proj = tl.sum(tl.sum(gz * zhat, axis=2), axis=1) / (4 * H)
-            dz = (gz - zhat * proj[:, None, None]) * rstd[:, None, None]
+            dz = _row_norm_backward(gz, _row_hat(z, m3, mh_ptr, rh_ptr, rows, rv, KH), 4 * H, rh_ptr, rows, rv, KH)
         elif KH == 3:
             z = tl.load(z_ptr + off3, mask=m3, other=0.0).to(ACC)
-            mean = tl.load(mh_ptr + col, mask=colm, other=0.0).to(ACC)
-            rstd = tl.load(rh_ptr + col, mask=colm, other=0.0).to(ACC)
-            zhat = tl.where(m3, (z - mean[None, :, :]) * rstd[None, :, :], 0.0)
-            dz = gz - tl.sum(gz, axis=0)[None, :, :] / bs - zhat * (tl.sum(gz * zhat, axis=0) / bs)[None, :, :]
-            dz = dz * rstd[None, :, :]
+            dz = _batch_norm_backward(gz, z, m3, bs, mh_ptr, rh_ptr, col, colm, ACC)
         else:
             dz = gz
     else:
         dz = du
     if STORE_DZ:
         tl.store(dz_ptr + off3, dz.to(dz_ptr.dtype.element_ty), mask=m3)
-
-
-@triton.jit
-def _row_norm(x, m, count, eps, stat_ptr, rstd_ptr, rows, rv, KIND: tl.constexpr):
-    """A row-local norm (LN, RMS) of a ``(rows, units)`` tile holding all ``count`` features of each row: the
-    normalized tile, its statistics stored; NONE: ``x``."""
-    if KIND == 1 or KIND == 2:
-        if KIND == 1:
-            mean = tl.sum(x, axis=1) / count
-            d = tl.where(m, x - mean[:, None], 0.0)
-            tl.store(stat_ptr + rows, mean, mask=rv)
-        else:
-            d = x
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / count + eps)
-        tl.store(rstd_ptr + rows, rstd, mask=rv)
-        return d * rstd[:, None]
-    else:
-        return x
 
 
 @triton.jit
@@ -272,17 +289,14 @@ def _row_norm2(x1, x2, m, count, eps, stat_ptr, rstd_ptr, rows, rv, KIND: tl.con
 
 
 @triton.jit
-def _row_hat(x, m, stat_ptr, rstd_ptr, rows, rv, KIND: tl.constexpr):
-    """The normalized tile again from the statistics `_row_norm` stored (NONE: ``x``)."""
-    if KIND == 1:
-        mean = tl.load(stat_ptr + rows, mask=rv, other=0.0).to(x.dtype)
-        rstd = tl.load(rstd_ptr + rows, mask=rv, other=0.0).to(x.dtype)
-        return tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-    elif KIND == 2:
-        rstd = tl.load(rstd_ptr + rows, mask=rv, other=0.0).to(x.dtype)
-        return x * rstd[:, None]
-    else:
-        return x
+def _gru_tile(bs, H, BR: tl.constexpr, BJ: tl.constexpr):
+    """The tile of a GRU step kernel: ``BR`` rows by all ``H`` units (``BJ`` >= H). Returns the row and unit indices,
+    their validity, the (rows, units) mask and the tile's offsets in a (bs, 3H) and a (bs, H) tensor."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    js = tl.arange(0, BJ)
+    rv, jv = rows < bs, js < H
+    m = rv[:, None] & jv[None, :]
+    return rows, js, rv, jv, m, rows[:, None] * (3 * H) + js[None, :], rows[:, None] * H + js[None, :]
 
 
 @triton.jit
@@ -298,12 +312,7 @@ def gru_forward(
     r, z = σ(u_rz + N_rz(a_rz)), n = tanh(u_n + r ⊙ N_n(a_n)) (N_n's shift includes b_hn), h = n + z (h_prev − n).
     Writes ``h`` (``LOWP``: also its low-precision copy ``hl``), the statistics, and (``SAVE``) σ(r), σ(z) in ``rz``
     ``(bs, 2H)`` and n in ``n``."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    js = tl.arange(0, BJ)
-    rv, jv = rows < bs, js < H
-    m = rv[:, None] & jv[None, :]
-    off3 = rows[:, None] * (3 * H) + js[None, :]
-    off2 = rows[:, None] * H + js[None, :]
+    rows, js, rv, jv, m, off3, off2 = _gru_tile(bs, H, BR, BJ)
     ar = tl.load(a_ptr + off3, mask=m, other=0.0).to(ACC)
     az = tl.load(a_ptr + off3 + H, mask=m, other=0.0).to(ACC)
     an = tl.load(a_ptr + off3 + 2 * H, mask=m, other=0.0).to(ACC)
@@ -347,12 +356,7 @@ def gru_backward(
     after) + ``dhg`` (its GEMM part) + ``dout`` (the output's, the final state's folded in). Writes the gradient of u
     ``du`` ``(bs, 3H)``, that of a = W_h h_prev in ``da``, that of N_n(a_n) (after its gain) ``dyn`` (for the gain
     and b_hn gradients) and z ⊙ dh into ``dhc``; the host then computes da W_h into ``dhg`` (one GEMM)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    js = tl.arange(0, BJ)
-    rv, jv = rows < bs, js < H
-    m = rv[:, None] & jv[None, :]
-    off3 = rows[:, None] * (3 * H) + js[None, :]
-    off2 = rows[:, None] * H + js[None, :]
+    rows, js, rv, jv, m, off3, off2 = _gru_tile(bs, H, BR, BJ)
     offrz = rows[:, None] * (2 * H) + js[None, :]
     dh = tl.load(dhc_ptr + off2, mask=m, other=0.0).to(ACC) + tl.load(dhg_ptr + off2, mask=m, other=0.0).to(ACC)
     dh += tl.load(dout_ptr + off2, mask=m, other=0.0).to(ACC)
@@ -394,11 +398,7 @@ def gru_backward(
     else:
         gr, gz = dr, dz
     if KN != 0:
-        gn = dyn * wn
-        rstd_n = tl.load(rn_ptr + rows, mask=rv, other=0.0).to(ACC)[:, None]
-        if KN == 1:
-            gn = gn - (tl.sum(gn, axis=1) / H)[:, None]
-        gn = (gn - nhat * (tl.sum(gn * nhat, axis=1) / H)[:, None]) * rstd_n
+        gn = _row_norm_backward(dyn * wn, nhat, H, rn_ptr, rows, rv, KN)
     else:
         gn = dyn
     tl.store(da_ptr + off3, gr.to(da_ptr.dtype.element_ty), mask=m)
