@@ -46,19 +46,18 @@ Tensor pack_panels(const Tensor& w, bool bf16) {
               "weight, not ", w.sizes(), " ", w.scalar_type());
   TORCH_CHECK(!bf16 || bf16_blocks_supported(), "pack_panels: bfloat16 blocks need oneDNN's packing (AMX)");
   const int64_t N = w.size(0), K = w.size(1), P = blocks(N), Kp = bf16 ? K + (K & 1) : K;
-  const int64_t sn = w.stride(0), sk = w.stride(1);
   Tensor packed = at::empty({P, Kp, kBlock}, w.options());
-  const float* src = w.data_ptr<float>();
-  float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {  // plain loops: one ATen copy per block cost more
-    for (int64_t p = p0; p < p1; ++p) {
-      float* b = dst + p * Kp * kBlock;
-      const int64_t cols = std::min(kBlock, N - p * kBlock);
-      for (int64_t k = 0; k < Kp; ++k)
-        for (int64_t j = 0; j < kBlock; ++j)
-          b[k * kBlock + j] = k < K && j < cols ? src[(p * kBlock + j) * sn + k * sk] : 0.f;
-    }
-  });
+  if (Kp > K) packed.narrow(1, K, Kp - K).zero_();
+  const int64_t full = N / kBlock;  // one strided copy for all full blocks (a loop per block or element was slower)
+  if (full > 0) {
+    const Tensor blocks_t = w.narrow(0, 0, full * kBlock).unflatten(0, {full, kBlock}).transpose(1, 2);
+    packed.narrow(0, 0, full).narrow(1, 0, K).copy_(blocks_t);
+  }
+  if (full < P) {
+    Tensor last = packed[full];
+    last.zero_();
+    last.narrow(0, 0, K).narrow(1, 0, N - full * kBlock).copy_(w.narrow(0, full * kBlock, N - full * kBlock).t());
+  }
   Tensor out = bf16 ? packed.to(at::kBFloat16) : packed;
 #if ZOO_BRGEMM
   if (bf16) {
