@@ -375,6 +375,28 @@ def test_input_norm_kernel_equals_module(index, shift, proj, training, block, mo
     torch.testing.assert_close(buffers, rbuffers, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("proj", [1, 3], ids=["narrow-input", "wide-input"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_input_norm_float32_blocks_of_many_panels(training, proj, threads, monkeypatch) -> None:
+    """float32: the projection through brgemm over several panels (200 features: 4 blocks of 64), in blocks of rows
+    shared among the threads, equals the module of the projection (the GEMM inside a thread's block is that thread's
+    alone: every panel computed, none left to a thread of a nested region that does not exist)."""
+    monkeypatch.setattr(fused_module.common, "BLOCK", 200 * 3)
+    torch.manual_seed(0)
+    module = torch.nn.LayerNorm(200).train(training)
+    x = torch.randn(T, B, proj) * 3 + 0.5
+    w, b = torch.randn(200, proj), torch.randn(200)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):  # (fresh buffers each call: garbage left unwritten would show)
+            y = fused_module.normalize_input(module, x, w, b, None)
+            torch.testing.assert_close(y, module(x @ w.t()) + b, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_input_norm_recomputes_a_narrow_projection() -> None:
     """A narrow input's projection is not saved for backward (the input and the weights are) unless
     ``keep_projection``; a wide one's is."""

@@ -109,12 +109,13 @@ void panels_block(const float* a, int64_t lda, int64_t M, const Blocks& w, int64
 }
 
 // C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows; the threads share the blocks.
+// Inside a parallel region (a thread's own block of the input term) one thread does all the blocks.
 void panels_gemm(const float* a, int64_t M, const Blocks& w, int64_t N, float* c, bool add) {
   const int64_t P = blocks(N);
-  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
+  const int64_t nth = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
-    const auto [p0, p1] = share(P, nth, omp_get_thread_num());
+    const auto [p0, p1] = share(P, omp_get_num_threads(), omp_get_thread_num());  // (the team's actual size)
     panels_block(a, w.K, M, w, N, c, N, add, p0, p1);
   }
 }
