@@ -109,7 +109,7 @@ void panels_block(const float* a, int64_t lda, int64_t M, const Blocks& w, int64
 }
 
 // C (M, N) = A (M, K) · W.T, plus C where `add`: A and C contiguous rows; the threads share the blocks.
-// Inside a parallel region (a thread's own block of the input term) one thread does all the blocks.
+// Called inside a parallel region, one thread does all the blocks (a nested region would have one thread).
 void panels_gemm(const float* a, int64_t M, const Blocks& w, int64_t N, float* c, bool add) {
   const int64_t P = blocks(N);
   const int64_t nth = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));

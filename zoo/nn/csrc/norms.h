@@ -520,12 +520,10 @@ void norm_rows_forward(Norm& n, const Tensor& x, const Tensor& y, int64_t groups
 
 // Blocks of rows of the projection x @ W.T (x (R, I), W (F, I), R = groups · per; `panels` W's blocks, else at::mm):
 // whole groups of about `block` elements; body(r0, rows, p) gets each block's projection p (rows, F), computed while
-// it is in cache, into `keep`'s rows where given. `threads`: the blocks are shared among the threads, each computing
-// and consuming its own blocks (its projection stays in its own cache; body's parallel loops then run inline), else
-// one block after the other, each body parallel. Not for a training batch norm whose statistics span all rows.
+// it is in cache, into `keep`'s rows where given. Not for a training batch norm whose statistics span all rows.
 template <typename Body>
 void project_blocks(const Norm& n, const Tensor& x, const Tensor& weight, const OptT& panels, int64_t F, int64_t per,
-                    int64_t groups, int64_t block, const OptT& keep, bool threads, const Body& body) {
+                    int64_t groups, int64_t block, const OptT& keep, const Body& body) {
   check(x, x, "x");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1) && weight.size(0) == F,
               "lstm_step: projection of x ", x.sizes(), " by a weight ", weight.sizes(), " to ", F, " features");
@@ -537,20 +535,13 @@ void project_blocks(const Norm& n, const Tensor& x, const Tensor& weight, const 
                 "lstm_step: the kept projection ", keep->sizes(), " for ", x.size(0), " rows of ", F);
   const int64_t R = x.size(0), step = groups > 1 ? per : 1;  // the rows of a block are whole groups
   const int64_t rows = std::max<int64_t>(1, block / std::max<int64_t>(1, step * F)) * step;
-  auto blocks_of_rows = [&](int64_t b0, int64_t b1) {
-    const Tensor scratch = kept ? Tensor() : at::empty({std::min(rows, R), F}, x.options());
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * rows, nr = std::min(rows, R - r0);
-      const Tensor p = kept ? keep->narrow(0, r0, nr) : scratch.narrow(0, 0, nr);
-      gemm_rows(x.narrow(0, r0, nr).contiguous(), weight, panels, p, false);
-      body(r0, nr, p);
-    }
-  };
-  const int64_t count = (R + rows - 1) / rows;
-  if (threads)
-    at::parallel_for(0, count, 1, blocks_of_rows);
-  else
-    blocks_of_rows(0, count);
+  const Tensor scratch = kept ? Tensor() : at::empty({std::min(rows, R), F}, x.options());
+  for (int64_t r0 = 0; r0 < R; r0 += rows) {
+    const int64_t nr = std::min(rows, R - r0);
+    const Tensor p = kept ? keep->narrow(0, r0, nr) : scratch.narrow(0, 0, nr);
+    gemm_rows(x.narrow(0, r0, nr).contiguous(), weight, panels, p, false);
+    body(r0, nr, p);
+  }
 }
 
 // norm_rows_forward of the projection x @ W.T, a block at a time (`project_blocks`), so that the projection is
@@ -561,7 +552,7 @@ void norm_rows_project(Norm& n, const Tensor& x, const Tensor& weight, OptT pane
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0), "norm_rows_project: y ", y.sizes(), " for x ", x.sizes());
   if (keep.has_value() && keep->defined()) check(*keep, y, "keep");
   const int64_t per = rows_per_group(y, groups), F = y.size(1);
-  project_blocks(n, x, weight, panels, F, per, groups, block, keep, true, [&](int64_t r0, int64_t nr, const Tensor& p) {
+  project_blocks(n, x, weight, panels, F, per, groups, block, keep, [&](int64_t r0, int64_t nr, const Tensor& p) {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "norm_rows_project", [&] {
       using T = scalar_t;
       each_group(n, r0, nr, per, groups, [&](Norm& m, int64_t row, int64_t rows, int64_t t) {
@@ -579,7 +570,7 @@ void norm_rows_project_backward(Norm& n, const Tensor& dy, const Tensor& x, cons
   TORCH_CHECK(dy.dim() == 2 && dy.sizes() == dp.sizes() && dy.size(0) == x.size(0), "norm_rows_project_backward: dy ",
               dy.sizes(), ", dp ", dp.sizes(), " for x ", x.sizes());
   const int64_t per = rows_per_group(dy, groups), F = dy.size(1);
-  project_blocks(n, x, weight, panels, F, per, groups, block, std::nullopt, false, [&](int64_t r0, int64_t nr, const Tensor& p) {
+  project_blocks(n, x, weight, panels, F, per, groups, block, std::nullopt, [&](int64_t r0, int64_t nr, const Tensor& p) {
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "norm_rows_project_backward", [&] {
       using T = scalar_t;
       each_group(n, r0, nr, per, groups, [&](Norm& m, int64_t row, int64_t rows, int64_t t) {
