@@ -379,9 +379,9 @@ def test_input_norm_kernel_equals_module(index, shift, proj, training, block, mo
 @pytest.mark.parametrize("proj", [1, 3], ids=["narrow-input", "wide-input"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_input_norm_float32_blocks_of_many_panels(training, proj, threads, monkeypatch) -> None:
-    """float32: the projection through brgemm over several panels (200 features: 4 blocks of 64), in blocks of rows
-    shared among the threads, equals the module of the projection (the GEMM inside a thread's block is that thread's
-    alone: every panel computed, none left to a thread of a nested region that does not exist)."""
+    """float32: the projection through brgemm over several panels (200 features: 4 blocks of 64, shared among the
+    threads), a block of rows at a time, equals the module of the projection: every panel of every block computed
+    (three calls on fresh buffers, so that a panel left unwritten would show)."""
     monkeypatch.setattr(fused_module.common, "BLOCK", 200 * 3)
     torch.manual_seed(0)
     module = torch.nn.LayerNorm(200).train(training)
