@@ -193,6 +193,79 @@ def test_extension_inference_equals_steps(variant, options, training, dtype, mon
         assert_close(a, b)
 
 
+DEFERRED = [
+    ("ln_lstm", {}),
+    ("rms_lstm", {}),
+    ("bn_lstm", {"max_steps": 3}),  # (steps past T_max reuse the last statistics)
+    ("bn_lstm", {"statistics": "shared"}),
+]
+
+
+def deferred_runs(rnn, x, state, lengths, monkeypatch) -> tuple[list, list, int]:
+    """Inference outputs and final states with the input term deferred to the compiled loop, and without (the input
+    term of all steps first), and how many cells deferred it."""
+    import zoo.nn.cells as cells
+
+    made = []
+    real = cells.defer_input
+    monkeypatch.setattr(cells, "defer_input", lambda *a: made.append(real(*a)) or made[-1])
+    with torch.no_grad():
+        out, (h, c) = rnn(x, state, lengths=lengths)
+        monkeypatch.setattr(cells, "defer_input", lambda *a: None)
+        rout, (rh, rc) = rnn(x, state, lengths=lengths)
+    return [out, h, c], [rout, rh, rc], sum(d is not None for d in made)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("variant", "options"), DEFERRED, ids=[f"{v}-{'-'.join(o)}" for v, o in DEFERRED])
+def test_deferred_input_term_equals_the_input_term_first(variant, options, threads, monkeypatch) -> None:
+    """In inference (float32) the LSTM loop computes N(W_x x) + b a step at a time (`DeferredInput`), each thread for
+    its rows, from several blocks of W_x (160 units: 640 gate features, 10 blocks; 70 input features): outputs and
+    final states equal those of the input term computed for all steps first, on a padded batch, 2 layers, both
+    directions, for 6 steps (the per-step batch norm: 3 statistics, the last reused)."""
+    torch.manual_seed(0)
+    rnn = zoo.nn.RNN(variant, 70, 160, num_layers=2, bidirectional=True, **options)
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        for name, b in rnn.named_buffers():
+            if "running" in name:
+                b.uniform_(0.5, 1.5) if "var" in name else b.normal_(0, 0.3)
+    rnn.eval()
+    x = torch.randn(T, B, 70)
+    state = tuple(torch.randn(4, B, 160) for _ in range(2))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, want, deferred = deferred_runs(rnn, x, state, LENGTHS, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    assert deferred == 4  # 2 layers x 2 directions
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+
+
+def test_deferred_input_term_under_a_training_batch_norm_in_the_recurrence(monkeypatch) -> None:
+    """A recurrent batch norm left in training mode under `torch.no_grad` (its statistics span each step's rows) runs
+    the loop that shares each step among the threads; the deferred input term goes through it too, and the running
+    statistics move as without it."""
+    torch.manual_seed(0)
+    rnn = zoo.nn.RNN("bn_lstm", 70, 160, max_steps=T)
+    rnn.eval()
+    for cell in rnn.cells:
+        cell.bn_hh.train()
+        cell.bn_c.train()
+    x = torch.randn(T, B, 70)
+    state = tuple(torch.randn(1, B, 160) for _ in range(2))
+    before = [b.clone() for b in rnn.buffers()]
+    got, want, deferred = deferred_runs(rnn, x, state, LENGTHS, monkeypatch)
+    assert deferred == 1
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+    moved = [b - a for a, b in zip(before, rnn.buffers(), strict=True)]
+    assert any(m.abs().max() > 0 for m in moved)  # (both runs moved them: equal outputs need equal statistics)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("variant", ["ln_lstm", "rms_lstm", "ln_gru", "rms_gru"])
 def test_extension_row_norms_over_wide_rows_equal_steps(variant, dtype, monkeypatch) -> None:
@@ -329,6 +402,29 @@ def _input_norms() -> list[tuple[str, torch.nn.Module]]:
         ("bn-past-max-steps", bn(8, max_steps=T - 2, gamma=0.1, bias=True)),
         ("bn-shared", bn(8, None, bias=False)),
     ]
+
+
+@pytest.mark.parametrize("index", range(5), ids=[n for n, _ in _input_norms()])
+def test_deferred_input_term_materializes_as_the_module_computes_it(index: int) -> None:
+    """Where the compiled loop turns out not to run, `DeferredInput.materialize` gives the input term of the packed
+    rows as the norm module computes it (a per-step batch norm in evaluation: each row with its step's map)."""
+    torch.manual_seed(0)
+    name, module = _input_norms()[index]
+    module.eval()
+    x = torch.randn(T, B, 7)
+    proj, shift = torch.randn(8, 7), torch.randn(8)
+    with torch.no_grad():
+        for name_b, b in module.named_buffers():
+            b.uniform_(0.5, 1.5) if "var" in name_b else b.normal_(0, 0.3)
+        deferred = fused_module.defer_input(module, x, proj, shift)
+        assert deferred is not None, name
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+        layout = fused_module.Layout(packed.batch_sizes.tolist())
+        got = deferred.with_rows(packed.data).materialize(layout)
+        p = x @ proj.t()
+        want = (module(p) if not isinstance(module, zoo.nn.norm.MaskedBatchNorm) else module(p, None)) + shift
+        want = torch.nn.utils.rnn.pack_padded_sequence(want, LENGTHS, enforce_sorted=False).data
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block", [1 << 19, 16], ids=["one-block", "blocks"])

@@ -4,7 +4,9 @@ A cell states its equations through three hooks and the shared engine (`Recurren
 
 - ``input_projection(x, mask)``: everything that depends on the input only, for all time steps at once (``(T, B, G)``);
 - ``step(u_t, state, t, mask_t)``: one step of the recurrence, returning the output and the new state;
-- ``output_transform(out, mask)``: a transform of the whole output sequence (identity unless a variant says otherwise).
+- ``output_transform(out, mask)``: a transform of the whole output sequence (identity unless a variant says otherwise);
+- ``deferred_input(x)``, optional: the input term left for the fused recurrence to compute a step at a time (the
+  normalized LSTMs in inference), instead of ``input_projection``'s.
 
 Gate order follows `torch.nn.LSTM` (i, f, g, o) and `torch.nn.GRU` (r, z, n) everywhere. ``mask`` is a ``(T, B)`` bool
 tensor of valid positions (``None``: all valid); at a padded position the engine keeps the previous state, so the final
@@ -25,7 +27,18 @@ from torch.nn.utils.parametrizations import weight_norm
 from . import gpu
 from ._ext import say_once
 from .backends import FUSED, compiled
-from .fused import FusedGRU, FusedIndRNN, FusedLSTM, StepNorm, candidate_scale, linear, normalize_input, run_packed
+from .fused import (
+    DeferredInput,
+    FusedGRU,
+    FusedIndRNN,
+    FusedLSTM,
+    StepNorm,
+    candidate_scale,
+    defer_input,
+    linear,
+    normalize_input,
+    run_packed,
+)
 from .norm import MaskedBatchNorm, RMSNorm
 from .registry import variant
 
@@ -66,6 +79,11 @@ class RecurrentCell(nn.Module):
         """Why `fused_recurrence` may not run now (it lacks something the step loop has), or None."""
         return None
 
+    def deferred_input(self, x: Tensor) -> DeferredInput | None:
+        """The input term left for `fused_recurrence` to compute a step at a time (in inference), or None: then
+        `input_projection` computes it for all steps first."""
+        return None
+
     def init_state(self, batch: int, like: Tensor) -> State:
         """The zero state, ``state_size`` tensors of shape ``(B, H)``."""
         return tuple(like.new_zeros(batch, self.hidden_size) for _ in range(self.state_size))
@@ -73,9 +91,10 @@ class RecurrentCell(nn.Module):
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
         """Run the recurrence: ``x`` is ``(T, B, I)``; returns the output ``(T, B, H)`` and the final state."""
         with compiled(self.backend == "compiled"):
-            u = self.input_projection(x, mask)
+            blocker = self.fuse_blocker() if self.backend in FUSED else None
+            u = self.deferred_input(x) if self.backend in FUSED and blocker is None else None
+            u = self.input_projection(x, mask) if u is None else u
             if self.backend in FUSED:
-                blocker = self.fuse_blocker()
                 if blocker is None:
                     out, state = run_packed(self.fused_recurrence, u, state, mask)
                     return self.output_transform(out, mask), state
@@ -223,6 +242,10 @@ class _NormalizedLSTMCell(LSTMCell):
             u = norm(u, mask) if isinstance(norm, MaskedBatchNorm) else norm(u)
         return u if self.bias is None else u + self.bias
 
+    def deferred_input(self, x: Tensor) -> DeferredInput | None:
+        norm = self.norm_at(0)
+        return None if self.backend != "compiled" or norm is None else defer_input(norm, x, self.weight_ih, self.bias)
+
     def norm_at(self, position: int) -> nn.Module | None:
         """The module normalizing position 0 (W_x x), 1 (W_h h) or 2 (c_t): the attribute `norms` names; None if
         the position is not normalized."""
@@ -240,8 +263,9 @@ class _NormalizedLSTMCell(LSTMCell):
         if self.backend == "triton":
             return gpu.lstm_recurrence(self, u, state, layout)
         mh, mc = self.norm_at(1), self.norm_at(2)
-        nh = StepNorm(mh, scale=candidate_scale(self.hidden_size, u))
-        nc = StepNorm(mc, scale=u.new_full((self.hidden_size,), 2.0))
+        like = u if isinstance(u, Tensor) else u.x  # (a DeferredInput)
+        nh = StepNorm(mh, scale=candidate_scale(self.hidden_size, like))
+        nc = StepNorm(mc, scale=like.new_full((self.hidden_size,), 2.0))
         grad = torch.is_grad_enabled()
         out, h, c = FusedLSTM.apply(u, *state, self.weight_hh, *nh.params(), *nc.params(), layout, nh, nc, grad)
         return out, (h, c)

@@ -29,10 +29,11 @@ struct LstmForwardRows {
   const T* gs;
   const T* cprev;
 
+  // (u: the step's first row of the input term)
   LstmForwardRows(int64_t H, const T* z, T* z_save, T* s, T* sc, T* c, T* h, const T* u, const T* gscale,
                   const T* c0, int64_t off, int64_t prev_off, int64_t save_off)
       : H(H), G(4 * H), zp(z), zs(z_save ? z_save + save_off * G : nullptr), sp(s + save_off * G),
-        scp(sc + save_off * H), cp(c + off * H), hp(h + off * H), up(u + off * G), gs(gscale),
+        scp(sc + save_off * H), cp(c + off * H), hp(h + off * H), up(u), gs(gscale),
         cprev(prev_off < 0 ? c0 : c + prev_off * H) {
     if (zs == zp) zs = nullptr;
   }
@@ -86,19 +87,20 @@ struct LstmForwardRows {
   }
 };
 
-// The forward step t: rows [off, off + bs) of u, c, h; s, sc, z_save and the LN/RMS statistics at save_off (the same
-// rows in training; a scratch of the first rows in inference); c_{t-1} from c0 (prev_off < 0) or c at prev_off.
+// The forward step t: rows [off, off + bs) of c, h, and of u from u_off; s, sc, z_save and the LN/RMS statistics at
+// save_off (the same rows in training; a scratch of the first rows in inference); c_{t-1} from c0 (prev_off < 0) or
+// c at prev_off.
 // With row-local norms a row goes through all of it in one pass (one parallel region); a training batch norm, whose
 // statistics span the rows, splits it into four.
 void forward_step(Norm& nh, Norm& nc, const Tensor& z, const Tensor& u, const Tensor& gscale, const Tensor& c0,
                   const Tensor& s, const Tensor& c, const Tensor& sc, const Tensor& h, OptT z_save, int64_t t,
-                  int64_t off, int64_t prev_off, int64_t bs, int64_t save_off) {
+                  int64_t off, int64_t prev_off, int64_t bs, int64_t save_off, int64_t u_off) {
   const int64_t H = c.size(1), G = 4 * H;
   check_all(u, {&z, &gscale, &c0, &s, &c, &sc, &h});
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "lstm_forward_step", [&] {
     using T = scalar_t;
     const LstmForwardRows<T> f(H, z.data_ptr<T>(), mptr_or_null<T>(z_save), s.data_ptr<T>(), sc.data_ptr<T>(),
-                               c.data_ptr<T>(), h.data_ptr<T>(), u.data_ptr<T>(), gscale.data_ptr<T>(),
+                               c.data_ptr<T>(), h.data_ptr<T>(), u.data_ptr<T>() + u_off * G, gscale.data_ptr<T>(),
                                c0.data_ptr<T>(), off, prev_off, save_off);
     if (nh.kind != BN_TRAIN && nc.kind != BN_TRAIN) {
       Buffer<T> ones_h, ones_c;
@@ -251,19 +253,39 @@ void backward_step(Norm& nh, Norm& nc, const Tensor& s, const Tensor& sc, const 
 
 // All forward steps: z_t = W_h h_{t-1} (the recurrent GEMM with W_h's panels), then forward_step. `train`: s, sc and
 // the statistics are kept for every row (else s, sc are a scratch of batch_sizes[0] rows).
+// The input term: u (N, 4H), all steps'; or, in inference, computed step by step from the packed input x (N, I),
+// u_t = N_x(x_t W_x.T) with the row-local norm nx (its shift the bias), into u as a scratch of batch_sizes[0] rows,
+// where the step reads it from cache: no (N, 4H) tensor written to memory and read back.
 void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const Tensor& h0, const Tensor& u,
                   const Tensor& gscale, const Tensor& c0, const Tensor& s, const Tensor& c, const Tensor& sc,
-                  const Tensor& h, OptT z_save, const std::vector<int64_t>& batch_sizes, bool train) {
+                  const Tensor& h, OptT z_save, const std::vector<int64_t>& batch_sizes, bool train, Norm& nx,
+                  OptT x, OptT wx, OptT x_panels) {
   const auto off = offsets_of(batch_sizes);
   const int64_t steps = batch_sizes.size();
   // z goes where it is kept for backward, else to s's rows, where the step normalizes it in place
   const bool keep_z = train && z_save.has_value() && z_save->defined();
-  if (!rows_parallel(nh, nc, panels, u)) {
+  const bool from_x = x.has_value() && x->defined();
+  if (from_x) {
+    TORCH_CHECK(!train && wx.has_value() && wx->defined() && nx.kind != BN_TRAIN, "lstm_step: the input term from x ",
+                "is for inference, with W_x and a row-local norm");
+    check(*x, u, "x");
+    TORCH_CHECK(u.size(0) == batch_sizes[0] && x->size(0) == off[steps - 1] + batch_sizes[steps - 1] &&
+                    wx->size(0) == u.size(1) && wx->size(1) == x->size(1),
+                "lstm_step: the input term of x ", x->sizes(), " by W_x ", wx->sizes(), " into ", u.sizes());
+  }
+  if (!rows_parallel(nh, nc, panels, u) || (from_x && !(x_panels.has_value() && x_panels->defined()))) {
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t bs = batch_sizes[t], prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
+      if (from_x) {
+        const Tensor ut = u.narrow(0, 0, bs);
+        gemm_rows(x->narrow(0, off[t], bs), *wx, x_panels, ut, false);
+        AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "lstm_input_term", [&] {
+          norm_forward<scalar_t>(nx, ut.data_ptr<scalar_t>(), ut.data_ptr<scalar_t>(), bs, ut.size(1), t, 0);
+        });
+      }
       const Tensor zt = keep_z ? z_save->narrow(0, off[t], bs) : s.narrow(0, so, bs);
       gemm_rows(t ? h.narrow(0, prev, bs) : h0, weight, panels, zt, false);
-      forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, so);
+      forward_step(nh, nc, zt, u, gscale, c0, s, c, sc, h, z_save, t, off[t], prev, bs, so, from_x ? 0 : off[t]);
     }
     return;
   }
@@ -280,6 +302,12 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
   float *sp = s.data_ptr<float>(), *scp = sc.data_ptr<float>(), *cp = c.data_ptr<float>(), *hp = h.data_ptr<float>();
   const float *up = u.data_ptr<float>(), *gs = gscale.data_ptr<float>(), *h0p = h0.data_ptr<float>();
   const float* c0p = c0.data_ptr<float>();
+  const int64_t I = from_x ? x->size(1) : 0;
+  const Blocks wxb = from_x ? blocks_of(*x_panels, I, G) : Blocks{};
+  Buffer<float> ones_x;
+  const auto rx = from_x ? step_norms(nx, off, steps, false, G, ones_x) : std::vector<RowNorm<float>>{};
+  const float* xp = from_x ? x->data_ptr<float>() : nullptr;
+  float* ux = from_x ? u.data_ptr<float>() : nullptr;
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
     const int64_t k = omp_get_thread_num();
@@ -287,10 +315,15 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
       const int64_t bs = batch_sizes[t], m = member_rows(bs, nth, k);
       if (m == 0) break;  // (the batch only shrinks)
       const int64_t prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
+      if (from_x) {  // this thread's rows of u_t
+        panels_block(xp + (off[t] + k) * I, nth * I, m, wxb, G, ux + k * G, nth * G, false, 0, blocks(G));
+        for (int64_t r = k; r < bs; r += nth) row_forward<float>(rx[t], ux + r * G, ux + r * G, G, r);
+      }
       float* zt = keep_z ? zk + off[t] * G : sp + so * G;
       const float* hprev = t ? hp + prev * H : h0p;
       panels_block(hprev + k * H, nth * H, m, w, G, zt + k * G, nth * G, false, 0, blocks(G));
-      const LstmForwardRows<float> f(H, zt, zk, sp, scp, cp, hp, up, gs, c0p, off[t], prev, so);
+      const LstmForwardRows<float> f(H, zt, zk, sp, scp, cp, hp, from_x ? ux : up + off[t] * G, gs, c0p, off[t], prev,
+                                     so);
       for (int64_t r = k; r < bs; r += nth) f.row(rh[t], rc[t], r);
     }
   }

@@ -28,7 +28,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("dw", &Norm::dw)
       .def_readwrite("db", &Norm::db);
   m.attr("MIN_ROWS") = kMinRows;  // (the tests hold it equal to zoo.nn.norm.MIN_ROWS)
-  m.def("forward_loop", &forward_loop, "FusedLSTM forward: every step, GEMMs included");
+  m.def("forward_loop", &forward_loop, "FusedLSTM forward: every step, GEMMs included", py::arg("nh"), py::arg("nc"),
+        py::arg("weight"), py::arg("panels"), py::arg("h0"), py::arg("u"), py::arg("gscale"), py::arg("c0"),
+        py::arg("s"), py::arg("c"), py::arg("sc"), py::arg("h"), py::arg("z_save"), py::arg("batch_sizes"),
+        py::arg("train"), py::arg("nx") = Norm(), py::arg("x") = py::none(), py::arg("wx") = py::none(),
+        py::arg("x_panels") = py::none());
   m.def("backward_loop", &backward_loop, "FusedLSTM backward: a range of steps, GEMMs included");
   m.def("gru_forward_loop", &gru_forward_loop, "FusedGRU forward: every step, GEMMs included");
   m.def("gru_backward_loop", &gru_backward_loop, "FusedGRU backward: a range of steps, GEMMs included");

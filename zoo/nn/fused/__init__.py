@@ -1,8 +1,9 @@
 """The fused recurrence: a hand-written backward through time for the normalized LSTM and GRU cells.
 
 The cell's input term, W_x x and its normalization, is computed for all steps at once (`normalize_input`: one autograd
-node); what remains, the recurrence, runs in one `torch.autograd.Function` whose backward is written out step by step,
-with the weight and gain gradients taken as large products after (W_h: in chunks during) the loop. The sequences are
+node), or, in the normalized LSTMs' inference, a step at a time inside the compiled loop (`DeferredInput`); what
+remains, the recurrence, runs in one `torch.autograd.Function` whose backward is written out step by step, with the
+weight and gain gradients taken as large products after (W_h: in chunks during) the loop. The sequences are
 processed in `PackedSequence` order (sorted by length, time-major): at step t only the first ``batch_sizes[t]`` rows are
 still running, so a masked batch statistic is a statistic over a prefix, and finished rows cost nothing.
 
@@ -22,12 +23,13 @@ The ``reference`` backend (`zoo.nn.backends`) defines the result; the tests hold
 from .gemm import Linear, Panels, extension_available, linear, outer, outer_add
 from .gru import FusedGRU
 from .indrnn import FusedIndRNN
-from .input_term import normalize_input
+from .input_term import DeferredInput, defer_input, normalize_input
 from .lstm import FusedLSTM
 from .packed import Layout, OuterSum, candidate_scale, run_packed
 from .step_norm import StepNorm
 
 __all__ = [
+    "DeferredInput",
     "FusedGRU",
     "FusedIndRNN",
     "FusedLSTM",
@@ -37,6 +39,7 @@ __all__ = [
     "Panels",
     "StepNorm",
     "candidate_scale",
+    "defer_input",
     "extension_available",
     "linear",
     "normalize_input",

@@ -6,6 +6,7 @@ import torch
 
 from .common import _grads, recording
 from .gemm import Linear, Panels, bf16_products, outer
+from .input_term import DeferredInput
 from .packed import Layout, OuterSum, candidate_scale
 from .step_norm import StepNorm, _extension
 
@@ -13,7 +14,8 @@ from .step_norm import StepNorm, _extension
 class FusedLSTM(torch.autograd.Function):
     """The recurrence of an LSTM whose gates are u_t + N_h(W_h h_{t-1}) and whose output is σ(o) ⊙ tanh(N_c(c_t)).
 
-    ``u`` ``(N, 4H)`` is the input term (bias included) in packed order, ``h0``, ``c0`` ``(B, H)`` sorted by length;
+    ``u`` ``(N, 4H)`` is the input term (bias included) in packed order, or in inference a `DeferredInput` that the
+    compiled loop computes a step at a time; ``h0``, ``c0`` ``(B, H)`` sorted by length;
     ``norm_h`` carries the candidate-doubling scale, ``norm_c`` a scale of 2. Returns the packed outputs ``(N, H)`` and
     the final ``h``, ``c`` (sorted order). The gains and shifts of the norms are inputs so that autograd routes their
     gradients; the norms themselves travel in ``norm_h`` and ``norm_c``.
@@ -21,29 +23,36 @@ class FusedLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, h0, c0, w_hh, wh, bh, wc, bc, layout: Layout, norm_h: StepNorm, norm_c: StepNorm, grad: bool):
-        n, hidden = u.shape[0], h0.shape[1]
+        deferred = None
+        if isinstance(u, DeferredInput):  # u: the loop's scratch for a step's input term
+            deferred, u = u, u.x.new_empty(layout.batch_sizes[0], u.proj.shape[0])
+        n, hidden = layout.rows, h0.shape[1]
         steps = len(layout.batch_sizes)
         norm_h.start(steps, u)
         norm_c.start(steps, u)
         gscale = candidate_scale(hidden, u)  # doubles the candidate block: one sigmoid gives tanh(g) = 2σ(2g) − 1
         weight = w_hh * gscale.unsqueeze(1) if norm_h.kind == "none" else w_hh
         ext = _extension(u, h0, c0, w_hh, norm_h, norm_c)
+        if deferred is not None and ext is None:
+            u, deferred = deferred.materialize(layout), None
         ctx.bf16 = ext is not None and bf16_products(ext, u)
         lin = Linear(weight, layout.batch_sizes[0]) if ext is None else Panels(ext, weight, ctx.bf16)
-        train = recording(ctx, grad)  # else inference: keep only what the next step reads
+        train = recording(ctx, grad)  # else inference: keep only what the next step reads (a DeferredInput: always)
         h, c = u.new_empty(n, hidden), u.new_empty(n, hidden)
         s = torch.empty_like(u) if train else None  # σ of the pre-activations (the candidate block: σ(2g))
         sc = u.new_empty(n, hidden) if train else None  # σ(2 N_c(c_t)), so that tanh(N_c(c_t)) = 2 sc − 1
         z = torch.empty_like(u) if train and norm_h.kind != "none" else None  # W_h h_{t-1}, for backward
-        loop = FusedLSTM._forward_ext if ext is not None else FusedLSTM._forward_python
-        loop(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z)
+        if ext is not None:
+            FusedLSTM._forward_ext(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z, deferred)
+        else:
+            FusedLSTM._forward_python(u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z)
         last = layout.last_rows(u.device)
         ctx.save_for_backward(h0, c0, w_hh, s, h, c, sc, z)
         ctx.layout, ctx.norm_h, ctx.norm_c, ctx.ext = layout, norm_h, norm_c, ext
         return h, h[last], c[last]
 
     @staticmethod
-    def _forward_python(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z) -> None:
+    def _forward_python(u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z) -> None:
         """The steps through ATen kernels (``s``, ``sc``, ``z`` None in inference)."""
         for t in range(len(layout.batch_sizes)):
             rows = layout.at(t)
@@ -60,17 +69,22 @@ class FusedLSTM(torch.autograd.Function):
             torch.mul(o, sct, out=h[rows]).mul_(2).sub_(o)  # o ⊙ tanh(N_c(c_t))
 
     @staticmethod
-    def _forward_ext(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z) -> None:
-        """All steps in the compiled loop, GEMMs included (inference: ``s``, ``sc`` a scratch of the first rows)."""
+    def _forward_ext(ext, u, h0, c0, gscale, lin, layout, norm_h, norm_c, h, c, s, sc, z, deferred) -> None:
+        """All steps in the compiled loop, GEMMs included (inference: ``s``, ``sc`` a scratch of the first rows; with
+        a `DeferredInput`, ``u`` too)."""
         train, first = s is not None, layout.batch_sizes[0]
         rows = layout.rows if train else first
         norm_h.ext_start(ext, len(layout.batch_sizes), rows, u, folded=True)
         norm_c.ext_start(ext, len(layout.batch_sizes), rows, u)
         s_buf = s if train else u.new_empty(first, u.shape[1])
         sc_buf = sc if train else u.new_empty(first, h.shape[1])
+        x = {}
+        if deferred is not None:
+            x = dict(nx=deferred.ext_norm(ext, first), x=deferred.x.contiguous(), wx=deferred.proj,
+                     x_panels=Panels(ext, deferred.proj).packed)  # fmt: skip
         ext.forward_loop(
             norm_h.ext, norm_c.ext, lin.weight, lin.packed, h0.contiguous(), u, gscale, c0.contiguous(),
-            s_buf, c, sc_buf, h, z, layout.batch_sizes, train,
+            s_buf, c, sc_buf, h, z, layout.batch_sizes, train, **x,
         )  # fmt: skip
 
     @staticmethod

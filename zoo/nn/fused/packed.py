@@ -106,19 +106,23 @@ class OuterSum:
         return self.grad
 
 
-def run_packed(recurrence, u: Tensor, state: tuple[Tensor, ...], mask: Tensor | None):
-    """Run ``recurrence(u_packed, state_sorted, layout) -> (out_packed, final_sorted)`` on a padded ``(T, B, G)`` ``u``.
+def run_packed(recurrence, u, state: tuple[Tensor, ...], mask: Tensor | None):
+    """Run ``recurrence(u_packed, state_sorted, layout) -> (out_packed, final_sorted)`` on a padded ``(T, B, G)`` ``u``
+    (or a `DeferredInput`, whose input rows are packed instead).
 
     Returns the padded output ``(T, B, H)`` (zeros at padded positions) and the final state in the batch's own order.
     """
-    steps, batch = u.shape[:2]
+    rows = u if isinstance(u, Tensor) else u.x
+    steps, batch = rows.shape[:2]
     if mask is None:
-        out, final = recurrence(u.reshape(steps * batch, -1), state, Layout([batch] * steps))
+        flat = rows.reshape(steps * batch, -1)
+        out, final = recurrence(flat if rows is u else u.with_rows(flat), state, Layout([batch] * steps))
         return out.view(steps, batch, -1), final
-    packed = pack_padded_sequence(u, mask.sum(0).cpu(), enforce_sorted=False)
+    packed = pack_padded_sequence(rows, mask.sum(0).cpu(), enforce_sorted=False)
     order, unorder = packed.sorted_indices, packed.unsorted_indices
     layout = Layout(packed.batch_sizes.tolist())
-    out, final = recurrence(packed.data, tuple(s.index_select(0, order) for s in state), layout)
+    data = packed.data if rows is u else u.with_rows(packed.data)
+    out, final = recurrence(data, tuple(s.index_select(0, order) for s in state), layout)
     out, _ = pad_packed_sequence(PackedSequence(out, packed.batch_sizes, order, unorder), total_length=steps)
     return out, tuple(f.index_select(0, unorder) for f in final)
 
