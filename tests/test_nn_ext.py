@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import zoo.nn
-from zoo.nn import _ext
+from zoo.nn import _ext, cells
 from zoo.nn import fused as fused_module
 
 B, T, IN, H = 4, 6, 3, 5
@@ -204,8 +204,6 @@ DEFERRED = [
 def deferred_runs(rnn, x, state, lengths, monkeypatch) -> tuple[list, list, int]:
     """Inference outputs and final states with the input term deferred to the compiled loop, and without (the input
     term of all steps first), and how many cells deferred it."""
-    import zoo.nn.cells as cells
-
     made = []
     real = cells.defer_input
     monkeypatch.setattr(cells, "defer_input", lambda *a: made.append(real(*a)) or made[-1])

@@ -171,7 +171,7 @@ class DeferredInput:
 def defer_input(module: nn.Module, x: Tensor, proj: Tensor, shift: Tensor | None) -> DeferredInput | None:
     """``normalize_input(module, x, proj, shift)`` as a `DeferredInput`, where the compiled LSTM loop computes it: in
     inference (autograd off), float32, on a CPU with brgemm, for LayerNorm, RMSNorm and a batch norm in evaluation;
-    else None. On 2 cores of an AVX-512 Xeon this made inference 5-10% faster at 512 units (``benchmarks/speed.py``)."""
+    else None. On 2 cores of an AVX-512 Xeon this made inference 4-7% faster at 256 and 512 units (docs/speed.md)."""
     if torch.is_grad_enabled() or x.dtype != torch.float32 or x.dim() != 3 or not x.is_contiguous():
         return None
     norm = StepNorm(module, shift=shift)
