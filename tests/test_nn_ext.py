@@ -264,6 +264,29 @@ def test_deferred_input_term_under_a_training_batch_norm_in_the_recurrence(monke
     assert any(m.abs().max() > 0 for m in moved)  # (both runs moved them: equal outputs need equal statistics)
 
 
+@pytest.mark.parametrize("variant", ["ln_lstm", "ln_gru"])
+def test_a_batch_first_input_takes_the_fused_input_term(variant: str, monkeypatch) -> None:
+    """A batch-first input (the layout of the LightningModules) reaches the fused input term (one compiled node) as
+    contiguous time-major rows, as a time-major input does, with the same output and gradients."""
+    calls = []
+    real = fused_module.input_term._InputNorm.apply
+    monkeypatch.setattr(fused_module.input_term._InputNorm, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    time_major = zoo.nn.RNN(variant, IN, H)
+    batch_first = zoo.nn.RNN(variant, IN, H, batch_first=True)
+    batch_first.load_state_dict(time_major.state_dict())
+    x = torch.randn(B, T, IN)
+    out, _ = batch_first(x)
+    fused = len(calls)
+    want, _ = time_major(x.transpose(0, 1).contiguous())
+    assert fused > 0 and len(calls) == 2 * fused
+    torch.testing.assert_close(out.transpose(0, 1), want)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for p, q in zip(batch_first.parameters(), time_major.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("variant", ["ln_lstm", "rms_lstm", "ln_gru", "rms_gru"])
 def test_extension_row_norms_over_wide_rows_equal_steps(variant, dtype, monkeypatch) -> None:
