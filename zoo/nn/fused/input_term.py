@@ -42,8 +42,9 @@ def normalize_input(
             return None
         if bn.per_step and bn.past_max_steps == "error" and x.shape[0] > bn.max_steps:
             return None  # the module raises its error
-    if x.dim() != 3 or not x.is_contiguous() or norm.weight is None:
+    if x.dim() != 3 or norm.weight is None:
         return None
+    x = x.contiguous()  # (a batch-first layer's input arrives as a transposed view: a copy costs less than no fusion)
     ext = _extension(x, *(t for t in (proj, shift) if t is not None), norm)
     if ext is None:
         return None
@@ -172,8 +173,9 @@ def defer_input(module: nn.Module, x: Tensor, proj: Tensor, shift: Tensor | None
     """``normalize_input(module, x, proj, shift)`` as a `DeferredInput`, where the compiled LSTM loop computes it: in
     inference (autograd off), float32, on a CPU with brgemm, for LayerNorm, RMSNorm and a batch norm in evaluation;
     else None. On 2 cores of an AVX-512 Xeon this made inference 4-7% faster at 256 and 512 units (docs/speed.md)."""
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.dim() != 3 or not x.is_contiguous():
+    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.dim() != 3:
         return None
+    x = x.contiguous()
     norm = StepNorm(module, shift=shift)
     if norm.weight is None or (norm.kind == "bn" and module.training):
         return None
