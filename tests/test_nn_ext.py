@@ -623,22 +623,25 @@ def test_extension_is_bitwise_reproducible(variant, options) -> None:
 )  # fmt: skip
 def test_recurrent_gemm_equals_mm(extension, threads: int, rows: int, depth: int, features: int) -> None:
     """The recurrent GEMM for float32 (brgemm over blocks of 64 features, the threads sharing the blocks) equals
-    torch.mm: full and partial blocks, one block and many, depths over 1024 (taken in chunks), any strides of W;
+    torch.mm: full and partial blocks, one block and many, depths over 1024 (taken in chunks), any strides of W
+    (contiguous, column-major, rows further apart than their length), packed and multiplied on 1 and 2 threads;
     float64 goes to torch.mm."""
     x = torch.randn(rows, depth)
     w = torch.randn(features, depth)
     reference = (x.double() @ w.double().t()).float()
-    panels = extension.pack_panels(w)
-    assert panels.shape == (depth * ((features + 63) // 64) * 64,)
+    layouts = [w, w.t().contiguous().t(), torch.cat([w, torch.randn(features, 5)], 1)[:, :depth]]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = extension.panels_mm(x, w, panels)
-        strided = extension.panels_mm(x, w.t().contiguous().t(), extension.pack_panels(w.t().contiguous().t()))
+        packed = [extension.pack_panels(v) for v in layouts]
+        got = [extension.panels_mm(x, v, p) for v, p in zip(layouts, packed, strict=True)]
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * depth**0.5)
-    torch.testing.assert_close(strided, reference, rtol=1e-5, atol=1e-5 * depth**0.5)
+    for p in packed:
+        torch.testing.assert_close(p, packed[0], rtol=0, atol=0)
+    assert packed[0].shape == (depth * ((features + 63) // 64) * 64,)
+    for g in got:
+        torch.testing.assert_close(g, reference, rtol=1e-5, atol=1e-5 * depth**0.5)
     torch.testing.assert_close(extension.panels_mm(x.double(), w.double(), None), x.double() @ w.double().t())
 
 

@@ -119,8 +119,11 @@ inline T lane_sum(int64_t n, Fn f) {
 #pragma omp simd
     for (int64_t k = 0; k < kAcc; ++k) acc[k] += f(j + k);
   }
+  // The tail (fewer than kAcc values) into the same lanes, not one dependent scalar add per value (at 100 features,
+  // 36 of them a row: LayerNorm inference 5% slower at 100 units)
+#pragma omp simd
+  for (int64_t k = 0; k < n - j; ++k) acc[k] += f(j + k);
   T s = 0;
-  for (; j < n; ++j) s += f(j);
   for (int64_t k = 0; k < kAcc; ++k) s += acc[k];
   return s;
 }
