@@ -315,13 +315,14 @@ void forward_loop(Norm& nh, Norm& nc, const Tensor& weight, OptT panels, const T
       const int64_t bs = batch_sizes[t], m = member_rows(bs, nth, k);
       if (m == 0) break;  // (the batch only shrinks)
       const int64_t prev = t ? off[t - 1] : -1, so = train ? off[t] : 0;
-      if (from_x) {  // this thread's rows of u_t
-        panels_block(xp + (off[t] + k) * I, nth * I, m, wxb, G, ux + k * G, nth * G, false, 0, blocks(G));
-        for (int64_t r = k; r < bs; r += nth) row_forward<float>(rx[t], ux + r * G, ux + r * G, G, r);
-      }
       float* zt = keep_z ? zk + off[t] * G : sp + so * G;
       const float* hprev = t ? hp + prev * H : h0p;
       panels_block(hprev + k * H, nth * H, m, w, G, zt + k * G, nth * G, false, 0, blocks(G));
+      if (from_x) {  // this thread's rows of u_t, after the GEMM that streams all of W_h through the caches, so that
+                     // they are still there for the step (bn_lstm inference at 32,100,64,256: 2-5% faster, ln 1%)
+        panels_block(xp + (off[t] + k) * I, nth * I, m, wxb, G, ux + k * G, nth * G, false, 0, blocks(G));
+        for (int64_t r = k; r < bs; r += nth) row_forward<float>(rx[t], ux + r * G, ux + r * G, G, r);
+      }
       const LstmForwardRows<float> f(H, zt, zk, sp, scp, cp, hp, from_x ? ux : up + off[t] * G, gs, c0p, off[t], prev,
                                      so);
       for (int64_t r = k; r < bs; r += nth) f.row(rh[t], rc[t], r);
