@@ -401,14 +401,16 @@ def test_a_missing_build_or_a_lower_one_is_said_once(monkeypatch, tmp_path, capl
 @pytest.mark.parametrize("level", [lv for lv in _ext.levels() if lv != _ext.cpu_level()])
 def test_every_other_built_level_equals_the_python_loop(level: str) -> None:
     """The builds for the lower levels this CPU runs (e.g. avx2 and baseline on an AVX-512 CPU) pass the same checks,
-    in a child process that ``ZOO_EXT_ISA`` points at them (one level's module per process)."""
+    and their recurrent GEMM (blocks of another width there) equals torch.mm, in a child process that ``ZOO_EXT_ISA``
+    points at them (one level's module per process)."""
     known = list(_ext.levels())
     if known.index(level) < known.index(_ext.cpu_level()):
         pytest.skip(f"this CPU cannot run the {level!r} build")
     if not _ext.library(level).is_file():
         _ext.build(level)
     env = {**os.environ, "ZOO_EXT_ISA": level}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-k", "equals_python_and_steps"]
+    checks = "equals_python_and_steps or recurrent_gemm_equals_mm"
+    cmd = [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-k", checks]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert re.search(r"\b[1-9]\d* passed", done.stdout), done.stdout[-500:]
@@ -622,8 +624,8 @@ def test_extension_is_bitwise_reproducible(variant, options) -> None:
     ],
 )  # fmt: skip
 def test_recurrent_gemm_equals_mm(extension, threads: int, rows: int, depth: int, features: int) -> None:
-    """The recurrent GEMM for float32 (brgemm over blocks of 64 features, the threads sharing the blocks) equals
-    torch.mm: full and partial blocks, one block and many, depths over 1024 (taken in chunks), any strides of W
+    """The recurrent GEMM for float32 (brgemm over blocks of `PANEL_WIDTH` features, the threads sharing the blocks)
+    equals torch.mm: full and partial blocks, one block and many, depths over 1024 (taken in chunks), any strides of W
     (contiguous, column-major, rows further apart than their length), packed and multiplied on 1 and 2 threads;
     float64 goes to torch.mm."""
     x = torch.randn(rows, depth)
@@ -639,7 +641,8 @@ def test_recurrent_gemm_equals_mm(extension, threads: int, rows: int, depth: int
         torch.set_num_threads(before)
     for p in packed:
         torch.testing.assert_close(p, packed[0], rtol=0, atol=0)
-    assert packed[0].shape == (depth * ((features + 63) // 64) * 64,)
+    block = extension.PANEL_WIDTH
+    assert packed[0].shape == (depth * ((features + block - 1) // block) * block,)
     for g in got:
         torch.testing.assert_close(g, reference, rtol=1e-5, atol=1e-5 * depth**0.5)
     torch.testing.assert_close(extension.panels_mm(x.double(), w.double(), None), x.double() @ w.double().t())

@@ -38,6 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_backward_loop", &gru_backward_loop, "FusedGRU backward: a range of steps, GEMMs included");
   m.attr("brgemm") = py::bool_(ZOO_BRGEMM);  // the float32 recurrent GEMM through brgemm (x86-64)
   m.attr("brgemm_bf16") = py::bool_(bf16_blocks_supported());  // bfloat16 blocks (autocast): oneDNN packs for AMX
+  m.attr("PANEL_WIDTH") = kBlock;  // output features per packed block (64 in the AVX-512 build, 32 below it)
   m.def("pack_panels", &pack_panels, "a float32 weight (out, in) packed for the recurrent GEMM (bfloat16: VNNI)",
         py::arg("weight"), py::arg("bf16") = false);
   m.def("panels_mm", &panels_mm, "x @ weight.T through the recurrent GEMM (the kernel where panels are given)");

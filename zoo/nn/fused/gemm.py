@@ -44,9 +44,9 @@ class Linear:
 
 class Panels:
     """A recurrent weight as the compiled loops take it: ``weight``, and for float32 its blocks for the extension's
-    brgemm calls (``pack_panels``: blocks of 64 output features, packed once per sequence) in ``packed``, bfloat16
-    where ``bf16`` (`bf16_products`); float64, and a build without brgemm (``ext.brgemm`` false: not x86-64), go
-    through `torch.mm`."""
+    brgemm calls (``pack_panels``: blocks of ``ext.PANEL_WIDTH`` output features, 64 in the AVX-512 build and 32 below
+    it, packed once per sequence) in ``packed``, bfloat16 where ``bf16`` (`bf16_products`); float64, and a build
+    without brgemm (``ext.brgemm`` false: not x86-64), go through `torch.mm`."""
 
     def __init__(self, ext, weight: Tensor, bf16: bool = False) -> None:
         self.weight = weight
