@@ -18,8 +18,13 @@ MISSING_DATA = "missing data"
 DATA = data_root()
 
 
+def _present(path: Path) -> bool:
+    """A file, or a folder with something in it (a download that failed may leave an empty one)."""
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
 def _reason(names: tuple[str, ...]) -> str | None:
-    absent = [str(DATA / n) for n in names if not (DATA / n).exists()]
+    absent = [str(DATA / n) for n in names if not _present(DATA / n)]
     if not absent:
         return None
     return (

@@ -41,7 +41,8 @@ def _args(path: Path, tmp_path: Path) -> list[str]:
     init_args = _data_config(path).get("init_args", {})
     data = init_args.get("data_dir") or init_args.get("path")
     assert data and not Path(data).is_absolute() and not data.startswith("."), f"{path}: data path {data!r}"
-    require_data(data)  # a config names its data relative to the data root
+    name = init_args.get("name")  # (one data set of an archive: UCR/UEA)
+    require_data(f"{data}/{name}" if name else data)  # a config names its data relative to the data root
     return ["--config", str(path), "--trainer.default_root_dir", str(tmp_path)]
 
 

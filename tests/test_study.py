@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from needs_data import needs_data
 
 import zoo.nn
 from zoo.study import PlanError, load_plan
@@ -22,6 +23,7 @@ from zoo.study.report import zoom_range
 from zoo.study.runner import curve, last_test_metrics, monitor_of, read_metrics
 
 UCR = "configs/study/ucr.yaml"
+needs_italy = needs_data("ucr_uea/ItalyPowerDemand")  # (the plans below fit on it)
 TINY = {
     "data.init_args.name": "ItalyPowerDemand",
     "trainer.max_steps": 6,
@@ -167,6 +169,7 @@ def test_curve_merges_a_resumed_runs_logs(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------------------- end to end
 
 
+@needs_italy
 def test_tiny_plan_end_to_end_then_skipped_then_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plan, out = write_plan(tmp_path / "p.yaml"), tmp_path / "out"
     assert main([str(plan), "--out", str(out)]) == 0
@@ -214,6 +217,7 @@ def test_dry_run_lists_states_and_commands(tmp_path: Path, capsys: pytest.Captur
     assert not (out / "results.csv").exists()
 
 
+@needs_italy
 def test_killed_study_resumes_where_it_stopped(tmp_path: Path) -> None:
     """SIGTERM the study while a run trains; the next start resumes that run from its last checkpoint."""
     plan, out = write_plan(tmp_path / "p.yaml", steps=1000, every=50, arms=("lstm",)), tmp_path / "out"
@@ -243,6 +247,7 @@ def test_killed_study_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert len(list(rdir.glob("version_*"))) == 2
 
 
+@needs_italy
 def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plan, out = write_plan(tmp_path / "p.yaml", arms=("nope", "lstm")), tmp_path / "out"
     assert main([str(plan), "--out", str(out)]) == 1
@@ -251,6 +256,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path: Path, capsys: p
     assert "unknown variant 'nope'" in (out / "runs/italy/nope/seed0/log.txt").read_text().lower()
 
 
+@needs_italy
 def test_a_failed_eval_is_retried_without_refitting(tmp_path: Path) -> None:
     path, out = write_plan(tmp_path / "p.yaml", arms=("lstm",)), tmp_path / "out"
     raw = yaml.safe_load(path.read_text())
