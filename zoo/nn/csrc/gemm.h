@@ -47,8 +47,8 @@ inline Blocks blocks_of(const Tensor& panels, int64_t K, int64_t N) {
 }
 
 // The first `full` blocks of W (rows ld apart, contiguous within) into out (blocks Kp apart), the threads sharing
-// tiles of a block's 64 rows by kTile of depth, each transposed 16 rows at a time in L1. A strided at::copy_ of the
-// transposed view took 2.5-5x as long at 256 and 512 units on an AMD EPYC (W_h: 1 MB in 150 us, 4 MB in 1 ms).
+// tiles of a block's kBlock rows by kTile of depth, each transposed 16 rows at a time in L1. A strided at::copy_ of
+// the transposed view took 2.5-5x as long at 256 and 512 units on an AMD EPYC (W_h: 1 MB in 150 us, 4 MB in 1 ms).
 inline void pack_rows(const float* w, int64_t ld, int64_t K, int64_t full, int64_t Kp, float* out) {
   constexpr int64_t kTile = 64, kRows = 16;  // (four cache lines of each row)
   const int64_t tiles = (K + kTile - 1) / kTile;
@@ -57,8 +57,8 @@ inline void pack_rows(const float* w, int64_t ld, int64_t K, int64_t full, int64
       const int64_t p = b / tiles, k0 = (b % tiles) * kTile, k1 = std::min(K, k0 + kTile);
       const float* src = w + p * kBlock * ld;
       float* dst = out + p * Kp * kBlock;
-      for (int64_t n0 = 0; n0 < kBlock; n0 += kRows)  // (16 rows at a time: 64 rows a power of two apart share few
-        for (int64_t k = k0; k < k1; ++k)              // cache sets and evicted each other)
+      for (int64_t n0 = 0; n0 < kBlock; n0 += kRows)  // (16 rows at a time: 64 rows a power of two apart shared
+        for (int64_t k = k0; k < k1; ++k)              // few cache sets and evicted each other)
           for (int64_t n = n0; n < n0 + kRows; ++n) dst[k * kBlock + n] = src[n * ld + k];
     }
   });
