@@ -50,6 +50,19 @@ def test_fused_weight_gradient_in_chunks(
     check_fused(variant, {}, True, lengths, True, device)
 
 
+@pytest.mark.parametrize(("sizes", "cap"), [([8] * 100, 800), ([8] * 1000, 1333), ([70] * 3 + [10] * 2000, 3368)])
+def test_weight_gradient_chunks_default(sizes: list[int], cap: int) -> None:
+    """By default a chunk of the W_h gradient holds a sixth of all rows, at least 1024 (or all rows, if fewer); the
+    chunks cover every step once, latest first, none over the cap."""
+    layout = zoo.nn.fused.Layout(sizes)
+    h = torch.zeros(layout.rows, 2)
+    outer = zoo.nn.fused.OuterSum(layout, h[: sizes[0]], h, 3)
+    assert outer.cap == cap and outer.buf.shape == (cap, 3)
+    chunks = outer.chunks()
+    assert [t for c in chunks for t in reversed(c)] == list(reversed(range(len(sizes))))
+    assert all(sum(sizes[t] for t in c) <= cap for c in chunks)
+
+
 @pytest.mark.parametrize("lengths", [True, False], ids=["lengths", "full"])
 @pytest.mark.parametrize(("variant", "options"), CASES, ids=[v + "-" + "-".join(o.values()) for v, o in CASES])
 def test_fused_in_small_blocks(

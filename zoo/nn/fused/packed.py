@@ -68,10 +68,13 @@ class OuterSum:
 
     The backward pass walks `chunks` (latest first), writes each step's dz_t into `rows` of the chunk buffer, and
     calls `add` when a chunk is done: one large GEMM per chunk. The memory is one chunk, not a tensor of all steps.
+    By default a chunk holds a sixth of all rows, at least 1024: fewer, deeper GEMMs and fewer additions into the
+    gradient (docs/speed.md), for a buffer of at most a sixth of the saved pre-activations.
     """
 
-    def __init__(self, layout: Layout, h0: Tensor, h: Tensor, features: int, rows: int = 1024) -> None:
+    def __init__(self, layout: Layout, h0: Tensor, h: Tensor, features: int, rows: int | None = None) -> None:
         self.layout, self.h0, self.h = layout, h0, h
+        rows = max(1024, layout.rows // 6) if rows is None else rows
         self.cap = min(max(rows, layout.batch_sizes[0]), layout.rows)
         self.buf = h.new_empty(self.cap, features)
         # (the layout `outer` returns)
