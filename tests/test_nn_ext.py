@@ -290,11 +290,12 @@ def test_a_batch_first_input_takes_the_fused_input_term(variant: str, monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("variant", ["ln_lstm", "rms_lstm", "ln_gru", "rms_gru"])
 def test_extension_row_norms_over_wide_rows_equal_steps(variant, dtype, monkeypatch) -> None:
-    """Rows wider than the row statistics' partial sums (`lane_sum`: 64 float32 or 32 float64 lanes), with a
-    remainder: 40 units make LSTM gate rows of 160 and GRU rows of 80 and 40. Outputs and every gradient equal the
-    step-by-step engine's."""
+    """Rows wider than the row statistics' partial sums (`lane_sum`: 4 vectors of 16 float32 or 8 float64 lanes),
+    with remainders of whole vectors and of single values: 25 units make LSTM gate rows of 100 and GRU rows of 75 and
+    25 (float32 100 = 64 + 2·16 + 4, 75 = 64 + 11, 25 = 16 + 9; float64 75 = 2·32 + 8 + 3). Outputs and every
+    gradient equal the step-by-step engine's."""
     torch.manual_seed(0)
-    hidden = 40
+    hidden = 25
     base = zoo.nn.RNN(variant, IN, hidden).to(dtype)
     with torch.no_grad():
         for p in base.parameters():
