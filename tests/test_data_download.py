@@ -62,7 +62,8 @@ def test_download_verifies_and_caches(tmp_path: Path, shared: tuple[str, list[st
 def test_corrupt_download_is_rejected(tmp_path: Path) -> None:
     served = tmp_path / "served"
     served.mkdir()
-    text = (require_data("tinyshakespeare/input.txt") / "tinyshakespeare" / "input.txt").read_bytes()
+    name = "tinyshakespeare/input.txt"
+    text = (require_data(name) / name).read_bytes()
     (served / "input.txt").write_bytes(text[:-1] + b"?")  # one byte changed
     dest = tmp_path / "dest"
     with serve(served) as (url, requests):
@@ -76,7 +77,8 @@ def test_corrupt_mnist_content_is_rejected(tmp_path: Path) -> None:
     # the .gz wrapper may differ between mirrors, so the check is on the decompressed content
     served = tmp_path / "served"
     served.mkdir()
-    labels = gzip.open(require_data("mnist/t10k-labels-idx1-ubyte.gz") / "mnist" / "t10k-labels-idx1-ubyte.gz").read()
+    name = "mnist/t10k-labels-idx1-ubyte.gz"
+    labels = gzip.open(require_data(name) / name).read()
     (served / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels[:-1] + bytes([(labels[-1] + 1) % 10])))
     dest = tmp_path / "dest"
     with serve(served) as (url, _):

@@ -69,7 +69,7 @@ class OuterSum:
     The backward pass walks `chunks` (latest first), writes each step's dz_t into `rows` of the chunk buffer, and
     calls `add` when a chunk is done: one large GEMM per chunk. The memory is one chunk, not a tensor of all steps.
     By default a chunk holds a sixth of all rows, at least 1024: fewer, deeper GEMMs and fewer additions into the
-    gradient (docs/speed.md), for a buffer of at most a sixth of the saved pre-activations.
+    gradient (docs/speed.md); past 1024 rows the buffer is a sixth of the saved pre-activations.
     """
 
     def __init__(self, layout: Layout, h0: Tensor, h: Tensor, features: int, rows: int | None = None) -> None:
